@@ -1,0 +1,20 @@
+"""LLM.int8() (Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix Multiplication for Transformers
+at Scale", arXiv:2208.07339).
+
+Weights: vector-wise (per output row) absmax int8. The method's other half runs at inference
+time: input columns with an outlier (|x| > threshold, 6.0 by default) go through a float
+matmul, the rest through an int8 x int8 matmul (see kernels.cpu.LLMInt8Kernel).
+"""
+from ..formats import quantize
+from ..scheme import parse_scheme
+from . import Algorithm, register
+
+SCHEME = parse_scheme("llm-int8")
+
+
+def llm_int8(w, scheme, stats=None):
+    return quantize(w, SCHEME)
+
+
+register(Algorithm("llm-int8", llm_int8, kinds=frozenset({"llm-int8"}),
+                   summary="int8 vector-wise weights + fp outlier columns at run time"))

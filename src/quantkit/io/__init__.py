@@ -1,0 +1,1 @@
+"""Model sources in and checkpoints out."""

@@ -1,0 +1,261 @@
+"""quantkit's checkpoint layout: one safetensors file of packed weights + config.json.
+
+Layout (format_version 1):
+- `model.safetensors`: for a quantized layer `L`, its storage tensors as `L.<part>` (e.g.
+  `L.qweight`, `L.scale`, `L.zero`; parts and dtypes come from the codec) and `L.bias`; the
+  embedding table as `E.<part>` (a tied head is not stored twice); every other parameter
+  and persistent buffer under its usual name, in its own dtype.
+- `config.json`: the transformers config plus `quantization_config` = {"quant_method":
+  "quantkit", "format_version", "config" (QuantConfig.to_dict()), "layers" {name: scheme},
+  "methods", "head"}; the tokenizer files beside it.
+Writes go to a temporary folder renamed at the end (io.atomic). `load_checkpoint` builds the
+model with empty weights, swaps in the quantized modules and assigns the stored tensors.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import QuantkitError, SourceError
+from ..formats import QuantizedWeight, quantize
+from ..nn import QuantEmbedding, QuantLinear
+from ..pipeline import QuantInfo, _set_module, head_modules, linear_weight, resolve_layer, _head_scheme
+from ..scheme import QuantConfig, parse_scheme
+from .atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+METADATA = {"format": "quantkit", "format_version": str(FORMAT_VERSION)}
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the checkpoint stores, by name (packed parts for quantized modules)."""
+    out: dict[str, torch.Tensor] = {}
+    inner = {id(m.linear) for m in model.modules() if isinstance(m, QuantEmbedding)}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantEmbedding) or (isinstance(mod, QuantLinear) and id(mod) not in inner):
+            for part, t in mod.quantized_weight().tensors.items():
+                out[f"{name}.{part}"] = t
+    seen = set()
+    for key, t in model.state_dict().items():  # packed buffers are non-persistent: not listed here
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr not in seen:  # tied tensors are stored once
+            seen.add(ptr)
+            out[key] = t
+    return {k: (v.detach().contiguous().clone() if v.untyped_storage().nbytes() != v.nbytes else v.detach().contiguous())
+            for k, v in out.items()}
+
+
+def quantization_config(model: nn.Module) -> dict:
+    info: QuantInfo = model.quantkit
+    return {
+        "quant_method": "quantkit",
+        "format_version": FORMAT_VERSION,
+        "config": info.config.to_dict(),
+        "layers": info.layers,
+        "methods": info.methods,
+        "head": info.head,
+    }
+
+
+def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write `model` (returned by quantize) to `out_dir` atomically; returns the folder."""
+    if not hasattr(model, "quantkit"):
+        raise QuantkitError("this model was not quantized by quantkit; call qk.quantize(model, scheme) first "
+                            "(scheme fp32 or bf16 stores it unquantized)")
+    tensors = checkpoint_tensors(model)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(Path(tmp) / WEIGHTS_FILE), metadata=METADATA)
+        config = model.config.to_dict()
+        config["quantization_config"] = quantization_config(model)
+        (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- size, exactly
+_ST_DTYPES = {  # torch dtype -> (safetensors name, rank in safetensors' descending sort)
+    torch.float64: ("F64", 16), torch.float32: ("F32", 15), torch.bfloat16: ("BF16", 12),
+    torch.float16: ("F16", 11), torch.int64: ("I64", 17), torch.int32: ("I32", 13),
+    torch.int16: ("I16", 9), torch.int8: ("I8", 5), torch.uint8: ("U8", 4), torch.bool: ("BOOL", 0),
+    torch.float8_e4m3fn: ("F8_E4M3", 7), torch.float8_e5m2: ("F8_E5M2", 6),
+}
+
+
+def safetensors_bytes(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict | None = None) -> int:
+    """Exact size of the safetensors file `save_file` writes for tensors of these dtypes/shapes."""
+    order = sorted(specs.items(), key=lambda kv: (-_ST_DTYPES[kv[1][0]][1], kv[0]))
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    off = 0
+    for name, (dt, shape) in order:
+        n = 1
+        for d in shape:
+            n *= d
+        size = n * torch.empty((), dtype=dt).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dt][0], "shape": list(shape), "data_offsets": [off, off + size]}
+        off += size
+    h = len(json.dumps(header, separators=(",", ":")).encode())
+    h += (-h) % 8  # padded with spaces to 8-byte alignment
+    return 8 + h + off
+
+
+def _spec(qw: QuantizedWeight) -> dict:
+    return {k: (t.dtype, tuple(t.shape)) for k, t in qw.tensors.items()}
+
+
+def _meta_quantize(shape, scheme) -> QuantizedWeight:
+    try:
+        return quantize(torch.empty(shape, device="meta"), scheme)
+    except Exception:  # a codec op without a meta kernel: build it for real (zeros are cheap)
+        return quantize(torch.zeros(shape), scheme)
+
+
+def expected_weights_bytes(model: nn.Module, cfg: QuantConfig) -> int:
+    """Bytes of `model.safetensors` that `save(quantize(model, cfg))` would write (exact)."""
+    specs: dict[str, tuple] = {}
+    emb_name, out_name, tied = head_modules(model)
+    replaced = set()
+    for name, mod in model.named_modules():
+        w = linear_weight(mod)
+        if w is None or name == out_name:
+            continue
+        scheme, _, _ = resolve_layer(name, tuple(w.shape), cfg)
+        if scheme is None:
+            continue
+        replaced.add(name)
+        for part, sp in _spec(_meta_quantize(tuple(w.shape), scheme)).items():
+            specs[f"{name}.{part}"] = sp
+        if getattr(mod, "bias", None) is not None:
+            specs[f"{name}.bias"] = (mod.bias.dtype, tuple(mod.bias.shape))
+    ref = model.get_submodule(emb_name) if emb_name else (model.get_submodule(out_name) if out_name else None)
+    replaced.update(n for n in (emb_name, out_name) if n)
+    if ref is not None:
+        hs = _head_scheme(cfg.head, ref.weight.dtype)
+        for mname in [emb_name] + ([] if tied else [out_name]):
+            if mname is None:
+                continue
+            m = model.get_submodule(mname)
+            shape = tuple(linear_weight(m).shape) if linear_weight(m) is not None else tuple(m.weight.shape)
+            for part, sp in _spec(_meta_quantize(shape, hs)).items():
+                specs[f"{mname}.{part}"] = sp
+            if getattr(m, "bias", None) is not None:
+                specs[f"{mname}.bias"] = (m.bias.dtype, tuple(m.bias.shape))
+    seen = set()
+    for key, t in model.state_dict().items():
+        if key.rpartition(".")[0] in replaced:
+            continue
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        specs[key] = (t.dtype, tuple(t.shape))
+    return safetensors_bytes(specs, METADATA)
+
+
+# ----------------------------------------------------------------------------- load
+def is_quantkit_dir(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("quantization_config", {}).get("quant_method") == "quantkit"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _check_safetensors(path: Path) -> None:
+    if not path.is_file():
+        raise SourceError(f"{path.parent}: missing {path.name}; the checkpoint is incomplete, save it again")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except Exception as e:
+        raise SourceError(f"{path}: not a valid safetensors file ({type(e).__name__}); save the checkpoint again") from None
+    if size < 8 + n + end:
+        raise SourceError(f"{path} is truncated ({size} of {8 + n + end} bytes); copy or save it again")
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Rebuild a model saved by `save`: same modules, same kernels, identical logits."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    qc = raw.pop("quantization_config")
+    if int(qc.get("format_version", 0)) > FORMAT_VERSION:
+        raise SourceError(f"{path}: written by a newer quantkit (format {qc['format_version']}); upgrade quantkit")
+    weights = path / WEIGHTS_FILE
+    _check_safetensors(weights)
+    config = AutoConfig.for_model(**raw)
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError:
+            model = AutoModel.from_config(config, dtype=dtype)
+    cfg = QuantConfig.from_dict(qc["config"])
+    info = QuantInfo(cfg, layers=dict(qc["layers"]), methods=dict(qc.get("methods", {})), head=dict(qc.get("head", {})))
+    with safe_open(str(weights), framework="pt") as f:
+        keys = set(f.keys())
+
+        def parts(prefix: str) -> dict[str, torch.Tensor]:
+            names = [k for k in keys if k.startswith(prefix + ".") and "." not in k[len(prefix) + 1:] and k != prefix + ".bias"]
+            return {k[len(prefix) + 1:]: f.get_tensor(k) for k in names}
+
+        used = set()
+        for name, scheme in info.layers.items():
+            mod = model.get_submodule(name)
+            shape = tuple(linear_weight(mod).shape)
+            p = parts(name)
+            used.update(f"{name}.{k}" for k in p)
+            bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in keys else None
+            if bias is not None:
+                used.add(f"{name}.bias")
+            _set_module(model, name, QuantLinear(QuantizedWeight(parse_scheme(scheme), shape, p), bias))
+        head = info.head
+        if head:
+            hs = parse_scheme(head["scheme"])
+            emb_name, out_name, tied = head.get("embedding"), head.get("head"), head.get("tied")
+            if emb_name:
+                m = model.get_submodule(emb_name)
+                p = parts(emb_name)
+                used.update(f"{emb_name}.{k}" for k in p)
+                qe = QuantEmbedding(QuantizedWeight(hs, tuple(m.weight.shape), p), m.padding_idx, out_dtype=dtype)
+                _set_module(model, emb_name, qe)
+                if tied and out_name:
+                    _set_module(model, out_name, qe.linear)
+            if out_name and not tied:
+                m = model.get_submodule(out_name)
+                p = parts(out_name)
+                used.update(f"{out_name}.{k}" for k in p)
+                bias = f.get_tensor(f"{out_name}.bias") if f"{out_name}.bias" in keys else None
+                used.add(f"{out_name}.bias")
+                _set_module(model, out_name, QuantLinear(QuantizedWeight(hs, tuple(linear_weight(m).shape), p), bias))
+        rest = {k: f.get_tensor(k) for k in keys - used}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta or unexpected:
+        raise SourceError(f"{path}: checkpoint does not match its config (missing {still_meta[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}); save it again with this quantkit version")
+    model.quantkit = info
+    model.eval()
+    tokenizer = None
+    if any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer

