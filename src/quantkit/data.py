@@ -2,7 +2,8 @@
 
 Text sources: a UTF-8 text file, or a `datasets` spec `hf:NAME[:CONFIG][:SPLIT]`
 (e.g. `hf:wikitext:wikitext-2-raw-v1:test`; SPLIT defaults to "test"), or, with nothing else
-at hand, text the model generates itself (`generate_reference_text`).
+at hand, text the model generates itself (`generate_reference_text`). `read_text` turns CRLF
+and CR line ends into LF.
 
 The split rule (`split_text`) keeps calibration and evaluation text apart: the calibration part
 is the articles in the last quarter of the text, the evaluation part is everything before it.
@@ -22,7 +23,7 @@ from .errors import DataError
 
 SPLITS = ("eval", "calib", "all")
 CALIB_FRACTION = 0.25
-_ARTICLE_HEADING = re.compile(r"^ = [^=].* = $", re.MULTILINE)
+_ARTICLE_HEADING = re.compile(r"^ = [^=].* = \r?$", re.MULTILINE)
 
 DEFAULT_PROMPTS = (
     "The history of the city begins",
@@ -60,7 +61,7 @@ def _read_hf(spec: str) -> str:
 
 
 def read_text(source: str | Path) -> str:
-    """The text of a UTF-8 file, or of a `hf:NAME[:CONFIG][:SPLIT]` dataset."""
+    """The text of a UTF-8 file, or of a `hf:NAME[:CONFIG][:SPLIT]` dataset; line ends become "\\n"."""
     if isinstance(source, str) and source.startswith("hf:"):
         text = _read_hf(source)
     else:
@@ -77,7 +78,7 @@ def read_text(source: str | Path) -> str:
             raise DataError(f"cannot read {path}: {e.strerror}") from None
     if not text.strip():
         raise DataError(f"{source} is empty: pass a text with content")
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def calib_offset(text: str) -> int:

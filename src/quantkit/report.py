@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -132,12 +133,23 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
 
 def print_table(rows: list[dict], title: str | None = None, console: Console | None = None) -> Table:
     """Print the compare table to the terminal with rich (numbers right-aligned); returns it."""
-    table = Table(title=title)
+    cells = table_cells(rows)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for col in COLUMNS:
-        table.add_column(col.header, justify="right" if col.numeric else "left", no_wrap=col.numeric)
-    for cells in table_cells(rows):
-        table.add_row(*cells)
-    (console or Console()).print(table)
+        table.add_column(col.header, justify="right" if col.numeric else "left", no_wrap=True)
+    for row in cells:
+        table.add_row(*row)
+    console = console or Console()
+    # Never squash or cut numbers: when the console is narrower than the table (80 columns
+    # when piped), print it at its natural width and let long lines run on.
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    width = console.width
+    if natural > width:
+        console.width = natural
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
     return table
 
 
@@ -264,18 +276,24 @@ def plot_weight_histogram(
 
 
 def plot_size_vs_perplexity(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
-    """Size (MB) against perplexity — or KL divergence when a row lacks perplexity — one
-    annotated point per scheme, with the Pareto front (smaller and better) dashed."""
+    """Size (MB) against perplexity — or KL divergence when more rows have that — one annotated
+    point per scheme, with the Pareto front (smaller and better) dashed. Rows without both values
+    are left out; the x axis is memory MB when no row has a size on disk."""
     size_key = "size_bytes" if any(_number(r.get("size_bytes")) is not None for r in rows) else "memory_bytes"
     sized = [r for r in rows if _number(r.get(size_key)) is not None]
-    metric = "perplexity"
-    if not sized or any(_number(r.get("perplexity")) is None for r in sized):
-        metric = "kl_divergence"
-    points = [
-        (_number(r[size_key]) / 1e6, _number(r.get(metric)), str(r.get("scheme", "?")))
-        for r in sized
-        if _number(r.get(metric)) is not None and math.isfinite(_number(r.get(metric)))
-    ]
+
+    def plottable(metric: str) -> list[tuple[float, float, str]]:
+        return [
+            (_number(r[size_key]) / 1e6, _number(r.get(metric)), str(r.get("scheme", "?")))
+            for r in sized
+            if _number(r.get(metric)) is not None and math.isfinite(_number(r.get(metric)))
+        ]
+
+    # Perplexity unless fewer rows have it than have a KL divergence.
+    metric, points = "perplexity", plottable("perplexity")
+    by_kld = plottable("kl_divergence")
+    if len(by_kld) > len(points):
+        metric, points = "kl_divergence", by_kld
     if not points:
         raise ValueError("no row has a size together with a perplexity or KL divergence to plot")
 

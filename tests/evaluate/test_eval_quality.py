@@ -59,7 +59,7 @@ def test_reference_cache_matches_model(tiny_llama, windows):
     cache = ReferenceCache(tiny_llama, windows, progress=False)
     assert cache.logprobs.dtype == torch.float16
     assert cache.logprobs.shape == (3, 15, 256)
-    assert cache.tokens == 45
+    assert cache.tokens == 45 and cache.model is tiny_llama and cache.vocab_size == 256
     assert cache.perplexity == pytest.approx(score(tiny_llama, windows, progress=False)["perplexity"], rel=1e-6)
     direct = score(other, windows, reference=tiny_llama, progress=False)
     cached = score(other, windows, reference=cache, progress=False)

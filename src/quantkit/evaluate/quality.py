@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -99,11 +100,13 @@ class ReferenceCache:
     ``2 * n * (ctx - 1) * vocab`` bytes — e.g. 40 windows of 512 tokens at a 49k vocabulary is 2 GB.
 
     The windows are kept (a copy) and :func:`score` refuses different ones with ``ValueError``.
+    The model is only weakly referenced (``cache.model`` is None once it has been freed).
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, progress: bool = True) -> None:
         _check_windows(windows)
         self.windows = windows.detach().to("cpu", copy=True)
+        self._model = weakref.ref(model)
         n, ctx = self.windows.shape
         nll_sum = 0.0
         self.logprobs: torch.Tensor | None = None  # [n, ctx-1, V] float16, allocated on first window
@@ -118,6 +121,11 @@ class ReferenceCache:
                 bar.update(1)
         self.tokens = n * (ctx - 1)
         self.perplexity = _ppl(nll_sum, self.tokens)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The reference model, if it is still alive (the cache does not keep it)."""
+        return self._model()
 
     @property
     def vocab_size(self) -> int:
