@@ -204,6 +204,11 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if not args.verbose:  # transformers' own bars (GGUF de-quantizing, weight loading) are noise here
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         args.fn(args)
     except QuantkitError as e:

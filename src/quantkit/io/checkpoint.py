@@ -7,7 +7,7 @@ Layout (format_version 1):
   and persistent buffer under its usual name, in its own dtype.
 - `config.json`: the transformers config plus `quantization_config` = {"quant_method":
   "quantkit", "format_version", "config" (QuantConfig.to_dict()), "layers" {name: scheme},
-  "methods", "head"}; the tokenizer files beside it.
+  "methods", "head", "fallbacks", "errors" (relative weight error per layer)}; the tokenizer files beside it.
 Writes go to a temporary folder renamed at the end (io.atomic). `load_checkpoint` builds the
 model with empty weights, swaps in the quantized modules and assigns the stored tensors.
 """
@@ -64,6 +64,8 @@ def quantization_config(model: nn.Module) -> dict:
         "layers": info.layers,
         "methods": info.methods,
         "head": info.head,
+        "fallbacks": info.fallbacks,
+        "errors": {k: round(v, 6) for k, v in info.errors.items()},
     }
 
 
@@ -210,7 +212,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
         except ValueError:
             model = AutoModel.from_config(config, dtype=dtype)
     cfg = QuantConfig.from_dict(qc["config"])
-    info = QuantInfo(cfg, layers=dict(qc["layers"]), methods=dict(qc.get("methods", {})), head=dict(qc.get("head", {})))
+    info = QuantInfo(cfg, layers=dict(qc["layers"]), methods=dict(qc.get("methods", {})), head=dict(qc.get("head", {})),
+                     errors=dict(qc.get("errors", {})), fallbacks=dict(qc.get("fallbacks", {})))
     with safe_open(str(weights), framework="pt") as f:
         keys = set(f.keys())
 

@@ -257,12 +257,22 @@ def _finish(model: nn.Module) -> nn.Module:
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
     arch = validate_gguf(path)
-    try:
+    bar = gguf_utils.tqdm
+    try:  # transformers' GGUF de-quantizing bar ignores its own progress-bar switch: honour it here
+        if not hf_logging.is_progress_bar_enabled():
+            gguf_utils.tqdm = functools.partial(bar, disable=True)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:
         raise SourceError(f"transformers could not load {path} (GGUF architecture {arch!r}): {_short(e)}") from None
+    finally:
+        gguf_utils.tqdm = bar
     return model, tok
 
 

@@ -89,14 +89,18 @@ class FloatKernel(Kernel):
     @staticmethod
     def matmul(x, buffers, scheme, shape):
         w = buffers["weight"]
-        return F.linear(x.to(w.dtype), w).to(x.dtype)
+        xw = x.to(w.dtype)
+        if w.dtype != torch.float32 and xw.numel() == shape[1]:  # one row (decode): 16-bit gemv is
+            return torch.mv(w, xw.reshape(-1)).reshape(*x.shape[:-1], shape[0]).to(x.dtype)  # ~1.6x faster than mm
+        return F.linear(xw, w).to(x.dtype)
 
 
 class Int8Kernel(Kernel):
     """Integer codes of up to 8 bits with one scale per output row: torch._weight_int8pack_mm.
 
-    Asymmetric codes are shifted to int8 (q-128) and the zero-point term s*(Z-128)*sum(x) is
-    subtracted after the matmul, so affine and symmetric per-channel schemes share the kernel.
+    Asymmetric codes are shifted to int8 (q - 2^(b-1), centered so the correction stays small
+    in bf16) and the zero-point term s*(Z - 2^(b-1))*sum(x) is subtracted after the matmul, so
+    affine and symmetric per-channel schemes share the kernel.
     """
 
     name = "int8pack"
@@ -114,9 +118,10 @@ class Int8Kernel(Kernel):
         if zero is None:
             b["q"] = q.to(torch.int8)
         else:
-            b["q"] = (q - 128).to(torch.int8)
+            off = 2 ** (qw.scheme.bits - 1)  # centre the affine codes: 128 for 8 bits, 16 for 5
+            b["q"] = (q - off).to(torch.int8)
             b["zero8"] = qw.tensors["zero"]
-            b["zterm"] = (scale * (zero - 128)).expand(n, 1).reshape(n).to(ACT_DTYPE)
+            b["zterm"] = (scale * (zero - off)).expand(n, 1).reshape(n).to(ACT_DTYPE)
         b["scale_k"] = scale.expand(n, 1).reshape(n).to(ACT_DTYPE)
         return b
 
@@ -125,7 +130,7 @@ class Int8Kernel(Kernel):
         q = buffers["q"].to(torch.int32)
         zero = buffers.get("zero8")
         if zero is not None:
-            q = q + 128
+            q = q + 2 ** (scheme.bits - 1)
         return from_int_codes(scheme, q, buffers["scale16"], zero)
 
     @staticmethod
@@ -171,7 +176,8 @@ class Int4Kernel(Kernel):
     """Integer codes of 2 to 4 bits (any granularity): torch._weight_int4pack_mm_for_cpu.
 
     The kernel computes w = (c - 8) * scale + zero per group; our grid w = s * (q - Z) maps to
-    c = q (affine, zero = s*(8-Z)) or c = q + 8 (symmetric, zero = 0). 2- and 3-bit codes use
+    c = q + 8 - m (affine, m = 2^(b-1), zero = s*(m-Z): codes centred on 8 so the bf16 zero term
+    stays small) or c = q + 8 (symmetric, zero = 0). 2- and 3-bit codes use
     the same kernel (held as 4-bit in memory). A group length the kernel lacks (e.g. one
     scale per row of 576) is run as the largest kernel group that divides it, with the scale
     repeated: the same numbers, the kernel's own speed.
@@ -197,8 +203,9 @@ class Int4Kernel(Kernel):
             zero = None if zero is None else zero.expand(n, zero.shape[1])
         kg = _kernel_group(k, glen)
         rep = glen // kg
-        c = q if zero is not None else q + 8
-        zk = torch.zeros_like(scale) if zero is None else scale * (8 - zero)
+        m = 2 ** (s.bits - 1)
+        c = q + 8 - m if zero is not None else q + 8
+        zk = torch.zeros_like(scale) if zero is None else scale * (m - zero)
         sk = scale.repeat_interleave(rep, dim=1)  # [N, K/kg]
         zk = zk.repeat_interleave(rep, dim=1)
         sz = torch.stack([sk.t(), zk.t()], -1).contiguous().to(ACT_DTYPE)  # [K/kg, N, 2]
@@ -216,7 +223,7 @@ class Int4Kernel(Kernel):
         c[_int4pack_positions(n, k)] = nib
         c = c.reshape(n, k)
         zero = buffers.get("st_zero")
-        q = c if zero is not None else c - 8
+        q = c - 8 + 2 ** (scheme.bits - 1) if zero is not None else c - 8
         return from_int_codes(scheme, q, buffers["st_scale"], zero)
 
     @staticmethod

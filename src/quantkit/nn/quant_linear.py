@@ -26,10 +26,17 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t, persistent=False)
             self._names.append(name)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._bufs = self.buffers_dict()  # looked up once, not per call (decode runs ~200 of these per token)
+        self._shape = (self.out_features, self.in_features)
         self.outlier_stats = {"outlier_cols": 0, "cols": 0} if self.kernel is LLMInt8Kernel else None
 
     def buffers_dict(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self._names}
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cpu() replace buffers: refresh the cached dict
+        out = super()._apply(fn, *args, **kwargs)
+        self._bufs = self.buffers_dict()
+        return out
 
     def quantized_weight(self) -> QuantizedWeight:
         return self.kernel.unpack(self.buffers_dict(), self.scheme, (self.out_features, self.in_features))
@@ -38,11 +45,10 @@ class QuantLinear(nn.Module):
         return self.quantized_weight().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (self.out_features, self.in_features)
         if self.outlier_stats is not None:
-            y = self.kernel.matmul(x, self.buffers_dict(), self.scheme, shape, stats=self.outlier_stats)
+            y = self.kernel.matmul(x, self._bufs, self.scheme, self._shape, stats=self.outlier_stats)
         else:
-            y = self.kernel.matmul(x, self.buffers_dict(), self.scheme, shape)
+            y = self.kernel.matmul(x, self._bufs, self.scheme, self._shape)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,39 @@
+"""Shared by the benchmark scripts: write a measured table into docs/benchmarks.md."""
+from __future__ import annotations
+
+import platform
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def write_section(key: str, title: str, body: str) -> None:
+    """Replace (or append) the section `key` of docs/benchmarks.md with `body`."""
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery table here was written by the script named under it.\n"
+    cmd = "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:])
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = (f"<!-- {key} -->\n## {title}\n\nMeasured {when} on {machine()}.\n"
+               f"Command: `{cmd}`\n\n{body.strip()}\n<!-- /{key} -->")
+    pat = re.compile(rf"<!-- {re.escape(key)} -->.*?<!-- /{re.escape(key)} -->", re.S)
+    text = pat.sub(lambda _: section, text) if pat.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    tmp = DOC.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(DOC)

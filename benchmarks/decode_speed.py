@@ -1,0 +1,72 @@
+"""Decode speed at batch 1: quantized schemes vs fp32, measured side by side in one run.
+
+Every model decodes the same prompt for the same number of tokens (greedy, KV cache, no
+early stop). Rounds go fp32, A, B, ... and repeat, and each model keeps its best round, so
+slow phases of the machine hit every model alike. Prints the table and writes it to
+docs/benchmarks.md.
+
+    python benchmarks/decode_speed.py [--model smollm2] [--tokens 64] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+
+import torch
+
+import quantkit as qk
+from quantkit.evaluate.run import weights_bytes
+from quantkit.evaluate.size import memory_bytes
+from quantkit.evaluate.speed import decode_speed
+
+from _common import write_section
+
+VARIANTS = [  # (label, scheme, head)
+    ("fp32", None, None),
+    ("bf16", "bf16", None),
+    ("int8", "int8", None),
+    ("int8, head int8", "int8", "int8"),
+    ("int4-g128", "int4-g128", None),
+    ("int4-g128, head int8", "int4-g128", "int8"),
+    ("int3-g128", "int3-g128", None),
+]
+PROMPT = "The history of the city begins"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model, tok = qk.load(a.model)
+    ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
+    models = {}
+    for label, scheme, head in VARIANTS:
+        models[label] = model if scheme is None else qk.quantize(model, scheme, head=head, progress=False)
+    gc.collect()
+    best = {k: 0.0 for k in models}
+    for r in range(a.rounds):
+        for label, m in models.items():
+            tps = decode_speed(m, ids, new_tokens=a.tokens)["decode_tokens_per_s"]
+            best[label] = max(best[label], tps)
+        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in best.items()), flush=True)
+    base = best["fp32"]
+    lines = ["| variant | embeddings/head | weights MB | memory MB | decode tok/s | speed-up vs fp32 |",
+             "|---|---|---:|---:|---:|---:|"]
+    for label, m in models.items():
+        head = m.quantkit.head.get("scheme") if hasattr(m, "quantkit") else "fp32"
+        lines.append(f"| {label} | {head} | {weights_bytes(m) / 1e6:.1f} | {memory_bytes(m) / 1e6:.1f} | "
+                     f"{best[label]:.1f} | {best[label] / base:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    if not a.no_write:
+        write_section("decode-speed", f"Decode speed at batch 1 ({a.model}, {a.tokens} tokens, best of {a.rounds} interleaved rounds)",
+                      table)
+
+
+if __name__ == "__main__":
+    main()
