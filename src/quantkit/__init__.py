@@ -30,18 +30,45 @@ def load(source, dtype=None):
 
 
 def quantize(model, scheme="int8", method="rtn", head=None, rules=(), strict_groups=False,
-             inplace=False, progress=True):
+             inplace=False, progress=True, calib=None, tokenizer=None, calib_samples=128, calib_len=512,
+             seed=0, batch_size=8, sequential=False, damp=0.01, act_order=False, static_groups=False,
+             gptq_block_size=128):
     """Quantize every Linear layer of `model` (a copy unless `inplace`) and return it.
 
-    scheme: a scheme string (see `quantkit.GRAMMAR`) or Scheme; method: "rtn" or "llm-int8";
-    head: storage of embeddings and output head ("bf16", "fp16", "fp32", "int8", "keep");
-    None = 16-bit (bf16), or the scheme itself when the scheme is a plain cast;
+    scheme: a scheme string (see `quantkit.GRAMMAR`) or Scheme; method: "rtn", "llm-int8" or
+    "gptq"; head: storage of embeddings and output head ("bf16", "fp16", "fp32", "int8",
+    "keep"; None = bf16, or the scheme itself when the scheme is a plain cast);
     rules: `Rule(pattern, scheme, method)` list for mixed precision (first match wins).
+    Calibrated methods (gptq) take `calib`: a text (e.g. `qk.text(path, "calib")`, needs
+    `tokenizer`) or token ids [N, L]; with calib=None they calibrate on text the model
+    generates itself (a warning says so). `calib_samples` x `calib_len` tokens, drawn with
+    `seed`; `sequential` quantizes a block's Linears group by group (q/k/v, o, gate/up, down).
     """
-    from .pipeline import quantize_model
+    from .pipeline import needs_calibration, quantize_model, validate_config
 
-    cfg = scheme if isinstance(scheme, QuantConfig) else make_config(scheme, method, head, rules, strict_groups)
-    return quantize_model(model, cfg, inplace=inplace, progress=progress)
+    if isinstance(scheme, QuantConfig):
+        cfg = scheme
+    else:
+        from .scheme import GPTQOptions
+
+        cfg = make_config(scheme, method, head, rules, strict_groups,
+                          GPTQOptions(damp, gptq_block_size, act_order, static_groups), sequential)
+    validate_config(cfg)
+    ids = None
+    if needs_calibration(cfg):
+        import torch
+
+        from .data import calib_samples as sample_text, calibration
+
+        if isinstance(calib, torch.Tensor):
+            ids = calib
+        elif tokenizer is None:
+            raise DataError("calibrated methods need a tokenizer to tokenize the calibration text: pass tokenizer=")
+        elif calib is None:
+            ids = calibration(tokenizer, None, model, calib_samples, calib_len, seed)
+        else:
+            ids = sample_text(tokenizer, calib, calib_samples, calib_len, seed)
+    return quantize_model(model, cfg, inplace=inplace, progress=progress, calib=ids, batch_size=batch_size)
 
 
 def save(model, out_dir, tokenizer=None):

@@ -77,22 +77,36 @@ def cmd_inspect(a):
 
 
 def cmd_quantize(a):
-    from . import load, save
-    from .pipeline import quantize_model
-    from .scheme import make_config
+    import time
 
-    cfg = make_config(a.scheme, a.method, a.head, strict_groups=a.strict_groups)
+    from . import load, save
+    from .pipeline import needs_calibration, quantize_model, validate_config
+    from .scheme import GPTQOptions, make_config
+
+    cfg = make_config(a.scheme, a.method, a.head, strict_groups=a.strict_groups,
+                      gptq=GPTQOptions(a.damp, a.gptq_block_size, a.act_order, a.static_groups), sequential=a.sequential)
+    validate_config(cfg)
     out = Path(a.out)
+    calib_text = _text(a.calib, "calib") if a.calib and needs_calibration(cfg) else None
     model, tok = load(a.model)
-    qm = quantize_model(model, cfg, inplace=True)
+    ids = None
+    if needs_calibration(cfg):
+        from .data import calib_samples, calibration
+
+        ids = (calib_samples(tok, calib_text, a.calib_samples, a.calib_len, a.seed) if calib_text is not None
+               else calibration(tok, None, model, a.calib_samples, a.calib_len, a.seed))
+    t0 = time.perf_counter()
+    qm = quantize_model(model, cfg, inplace=True, calib=ids, batch_size=a.batch_size)
+    seconds = time.perf_counter() - t0
     save(qm, out, tok)
     from .evaluate.size import disk_bytes
 
     summary = {"out": str(out), "scheme": cfg.scheme.name, "method": cfg.method, "head": qm.quantkit.head.get("scheme"),
-               "size_bytes": disk_bytes(out), "layers": len(qm.quantkit.layers), "fallbacks": qm.quantkit.fallbacks}
+               "size_bytes": disk_bytes(out), "layers": len(qm.quantkit.layers), "fallbacks": qm.quantkit.fallbacks,
+               "quantize_seconds": round(seconds, 2)}
     print(json.dumps(summary, indent=2) if a.json else
-          f"wrote {out} ({_mb(summary['size_bytes'])}, {summary['layers']} layers {cfg.scheme.name} via {cfg.method}, "
-          f"embeddings/head {summary['head']})")
+          f"wrote {out} ({_mb(summary['size_bytes'])}, {summary['layers']} layers {cfg.scheme.name} via {cfg.method} "
+          f"in {seconds:.1f} s, embeddings/head {summary['head']})")
 
 
 def cmd_eval(a):
@@ -159,12 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it in quantkit's safetensors layout")
     q.add_argument("model", help=MODEL_HELP)
     q.add_argument("--scheme", required=True, help=f"one of: {GRAMMAR}")
-    q.add_argument("--method", default="rtn", help="rtn (default) or llm-int8")
+    q.add_argument("--method", default="rtn", help="rtn (default), llm-int8 or gptq")
     q.add_argument("--head", default=None, choices=HEAD_CHOICES,
                    help="storage of embeddings and output head (default bf16; tied weights stay tied)")
     q.add_argument("--strict-groups", action="store_true",
                    help="refuse layers whose input width the group size does not divide (default: use the largest smaller group that does)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
+    g = q.add_argument_group("calibration (gptq)")
+    g.add_argument("--calib", help="calibration text file (its last-quarter articles are used) or hf:NAME; "
+                                  "without it the model calibrates on text it generates itself")
+    g.add_argument("--calib-samples", type=int, default=128, help="number of samples (default 128)")
+    g.add_argument("--calib-len", type=int, default=512, help="tokens per sample (default 512)")
+    g.add_argument("--seed", type=int, default=0, help="seed for drawing the samples")
+    g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    g.add_argument("--sequential", action="store_true", help="quantize a block's Linears in sequential groups (q/k/v, o, gate/up, down)")
+    g.add_argument("--act-order", action="store_true", help="GPTQ: columns in descending Hessian-diagonal order")
+    g.add_argument("--static-groups", action="store_true", help="GPTQ with --act-order: choose group scales up front")
+    g.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
+    g.add_argument("--gptq-block-size", type=int, default=128, help="GPTQ lazy-batch width (default 128)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)
 

@@ -13,6 +13,7 @@ such heading after it, to the start of the next line; on a text of one line, to 
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("eval", "calib", "all")
 CALIB_FRACTION = 0.25
@@ -30,6 +33,10 @@ DEFAULT_PROMPTS = (
     "In the early morning, the farmers",
     "Scientists studying the ocean have found",
     "The library opened its doors to",
+    "During the winter of that year, the river",
+    "The new railway line connected",
+    "Many of the songs on the album",
+    "The team's first season in the league",
 )
 
 
@@ -151,9 +158,13 @@ def eval_windows(tokenizer, text: str, ctx: int = 512, max_tokens: int | None = 
 
 def calib_samples(tokenizer, text: str, n: int = 128, length: int = 512, seed: int = 0) -> torch.Tensor:
     """`n` random spans of `length` tokens from `text`: LongTensor [n, length], reproducible by seed."""
+    return calib_samples_from_ids(tokenize(tokenizer, text), n, length, seed)
+
+
+def calib_samples_from_ids(ids: torch.Tensor, n: int = 128, length: int = 512, seed: int = 0) -> torch.Tensor:
+    """`n` random spans of `length` tokens from 1-D `ids`: LongTensor [n, length], reproducible by seed."""
     if n < 1 or length < 1:
         raise DataError(f"calibration needs n >= 1 samples of length >= 1, got n={n}, length={length}")
-    ids = tokenize(tokenizer, text)
     if ids.numel() < length:
         raise DataError(f"text too short to calibrate: {ids.numel()} tokens, need at least {length}; "
                         "pass a longer text or a smaller sample length")
@@ -162,9 +173,23 @@ def calib_samples(tokenizer, text: str, n: int = 128, length: int = 512, seed: i
     return torch.stack([ids[s: s + length] for s in starts.tolist()])
 
 
+def calibration(tokenizer, source=None, model=None, n: int = 128, length: int = 512, seed: int = 0) -> torch.Tensor:
+    """Calibration token ids [n, length]: from the calibration part of a text source (for the
+    WikiText file, its last-quarter articles), or — when `source` is None — from text `model`
+    generates itself (data-free fallback, logged as a warning)."""
+    if source is not None:
+        return calib_samples(tokenizer, text(source, "calib"), n, length, seed)
+    if model is None:
+        raise DataError("no calibration text: pass --calib PATH (or a model to generate text from)")
+    log.warning("no calibration text given: calibrating on text the model generates itself (data-free fallback); "
+                "pass --calib PATH for real text")
+    ids = generate_reference_text(model, tokenizer, seed=seed)
+    return calib_samples_from_ids(ids, n, min(length, ids.numel()), seed)
+
+
 @torch.no_grad()
 def generate_reference_text(model, tokenizer, prompts: Sequence[str] = DEFAULT_PROMPTS,
-                            max_new_tokens: int = 256, seed: int = 0) -> torch.Tensor:
+                            max_new_tokens: int = 224, seed: int = 0) -> torch.Tensor:
     """Greedy continuations of `prompts`, each prompt + continuation, joined by the ids of a blank line.
 
     Returns a 1-D LongTensor. For the offline demo, when no text is given: cut it with

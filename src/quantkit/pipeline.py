@@ -1,8 +1,9 @@
 """Walk a model, choose each layer's scheme, run the algorithm on it, swap in QuantLinear.
 
 Data-free methods (RTN, LLM.int8) need no activations, so the walk is a plain loop over the
-Linear layers of any transformers model (no per-architecture code). Calibrated methods will
-extend this with block-by-block capture of activations.
+Linear layers of any transformers model (no per-architecture code). Calibrated methods hand
+the layers inside the model's blocks to `calibrate.quantize_blocks`, which feeds calibration
+activations block by block.
 """
 from __future__ import annotations
 
@@ -87,8 +88,27 @@ def _head_scheme(head: str, dtype: torch.dtype) -> Scheme | None:
     return parse_scheme(head)
 
 
-def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, progress: bool = True) -> nn.Module:
-    """Quantize every Linear of `model` under `cfg`; returns the model with `.quantkit` info."""
+def validate_config(cfg: QuantConfig) -> None:
+    """Checks that need the algorithm registry (scheme.py cannot see it): run before long work."""
+    algorithms.get(cfg.method).check(cfg.scheme)
+    for rule in cfg.rules:
+        if rule.scheme is not None:
+            algorithms.get(rule.method).check(rule.scheme)
+
+
+def needs_calibration(cfg: QuantConfig) -> bool:
+    methods = {cfg.method} | {r.method for r in cfg.rules if r.scheme is not None}
+    return any(algorithms.get(m).needs for m in methods)
+
+
+def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, progress: bool = True,
+                   calib: torch.Tensor | None = None, batch_size: int = 8) -> nn.Module:
+    """Quantize every Linear of `model` under `cfg`; returns the model with `.quantkit` info.
+
+    Methods that need statistics (GPTQ) take `calib` token ids [N, L] and run block by block
+    (see `calibrate.py`); data-free methods walk the Linears directly.
+    """
+    validate_config(cfg)
     if not inplace:
         model = copy.deepcopy(model)
     info = QuantInfo(cfg)
@@ -108,18 +128,34 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, pr
     for key, count in info.fallbacks.items():
         log.warning("%d layers: %s, because the group size does not divide the width "
                     "(strict_groups=True refuses instead)", count, key)
+    if needs_calibration(cfg):
+        from .calibrate import quantize_blocks
+
+        if calib is None:
+            raise SchemeError(f"method {cfg.method} needs calibration data: pass calib token ids (--calib PATH)")
+        done = quantize_blocks(model, {n: (sc, m) for n, _, sc, m in plans}, calib, cfg, info,
+                               batch_size=batch_size, progress=progress)
+        plans = [p for p in plans if p[0] not in done]
     for name, mod, scheme, method in tqdm(plans, desc=f"quantize {cfg.scheme.name} ({cfg.method})",
                                           disable=not progress, unit="layer"):
         if scheme is None:
             continue
-        w = linear_weight(mod).detach().float()
-        qw = algorithms.get(method).fn(w, scheme, {})
-        info.errors[name] = relative_error(w, qw)
-        _set_module(model, name, QuantLinear(qw, getattr(mod, "bias", None)))
-        info.layers[name], info.methods[name] = scheme.name, method
+        if algorithms.get(method).needs:  # outside the known blocks: no statistics were gathered
+            log.warning("%s is outside the model's blocks; quantized with rtn instead of %s", name, method)
+            method = "rtn"
+        swap_quantized(model, name, mod, scheme, method, {}, info)
     _quantize_head(model, cfg, info, emb_name, out_name, tied)
     model.quantkit = info
     return model
+
+
+def swap_quantized(model, name, mod, scheme, method, stats, info: QuantInfo) -> None:
+    """Run `method` on one layer's weight and put a QuantLinear in its place."""
+    w = linear_weight(mod).detach().float()
+    qw = algorithms.get(method).fn(w, scheme, stats)
+    info.errors[name] = relative_error(w, qw)
+    _set_module(model, name, QuantLinear(qw, getattr(mod, "bias", None)))
+    info.layers[name], info.methods[name] = scheme.name, method
 
 
 def mod_in(mod: nn.Module) -> int:

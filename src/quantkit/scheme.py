@@ -175,6 +175,22 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ solver options (see algorithms/gptq.py)."""
+
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    block_size: int = 128  # lazy-batch width
+    act_order: bool = False  # columns in descending Hessian-diagonal order
+    static_groups: bool = False  # with act_order: group scales chosen up front
+
+    def __post_init__(self):
+        if not 0 <= self.damp < 1:
+            raise SchemeError(f"GPTQ damp must be in [0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise SchemeError(f"GPTQ block size must be positive, got {self.block_size}")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Everything `quantize` needs, validated once at the API/CLI boundary.
 
@@ -189,6 +205,8 @@ class QuantConfig:
     head: str = "bf16"
     rules: tuple[Rule, ...] = ()
     strict_groups: bool = False
+    gptq: GPTQOptions = GPTQOptions()
+    sequential: bool = False  # calibrated methods: quantize a block's Linears in sequential groups
 
     def to_dict(self) -> dict:
         return {
@@ -197,13 +215,15 @@ class QuantConfig:
             "head": self.head,
             "rules": [[r.pattern, None if r.scheme is None else r.scheme.name, r.method] for r in self.rules],
             "strict_groups": self.strict_groups,
+            "gptq": {k: getattr(self.gptq, k) for k in ("damp", "block_size", "act_order", "static_groups")},
+            "sequential": self.sequential,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         rules = tuple(Rule(p, None if s is None else parse_scheme(s), m) for p, s, m in d.get("rules", []))
         return cls(parse_scheme(d["scheme"]), d.get("method", "rtn"), d.get("head", "bf16"), rules,
-                   bool(d.get("strict_groups", False)))
+                   bool(d.get("strict_groups", False)), GPTQOptions(**d.get("gptq", {})), bool(d.get("sequential", False)))
 
 
 HEAD_CHOICES = ("bf16", "fp16", "fp32", "int8", "keep")
@@ -215,7 +235,7 @@ def default_head(sc: Scheme) -> str:
 
 
 def make_config(scheme: "str | Scheme", method: str = "rtn", head: "str | None" = None, rules=(),
-                strict_groups=False) -> QuantConfig:
+                strict_groups=False, gptq: "GPTQOptions | None" = None, sequential: bool = False) -> QuantConfig:
     """Validate user input once and build a QuantConfig (the only place that checks it)."""
     sc = parse_scheme(scheme)
     head = default_head(sc) if head is None else str(head).lower()
@@ -225,4 +245,4 @@ def make_config(scheme: "str | Scheme", method: str = "rtn", head: "str | None" 
         method = "llm-int8"
     if method == "llm-int8" and sc.kind != "llm-int8":
         raise SchemeError(f"method llm-int8 stores scheme llm-int8, not {sc.name}; use --scheme llm-int8")
-    return QuantConfig(sc, method, head, tuple(rules), bool(strict_groups))
+    return QuantConfig(sc, method, head, tuple(rules), bool(strict_groups), gptq or GPTQOptions(), bool(sequential))

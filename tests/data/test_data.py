@@ -157,4 +157,4 @@ def test_generate_reference_text(tok):
     first = tok(prompts[0])["input_ids"]
     assert a[: len(first)].tolist() == first
     assert data.windows_from_ids(a, ctx=4).shape[1] == 4
-    assert len(data.DEFAULT_PROMPTS) == 4
+    assert len(data.DEFAULT_PROMPTS) == 8

@@ -54,6 +54,7 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
     ref = ReferenceCache(model, windows)
     layer = _hist_layer(model)
     hist = {"fp32": linear_weight(model.get_submodule(layer)).detach().float().clone()} if layer else {}
+    errors: dict[str, dict[str, float]] = {}
     rows, gens = [], {"fp32 (reference)": greedy_generate(model, tok, prompt, gen_tokens)}
     for scheme in schemes:
         cfg = make_config(scheme, head=head)
@@ -69,6 +70,8 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
             m2, _ = load(out)
         res = evaluate_model(m2, tok, text=text, reference=ref, windows=windows, speed=speed,
                              size_bytes=size, progress=progress)
+        if m2.quantkit.errors:
+            errors[scheme.name] = dict(m2.quantkit.errors)
         if layer and layer in m2.quantkit.layers:
             hist[scheme.name] = m2.get_submodule(layer).dequantized_weight().float()
         outl = [m.outlier_stats for m in m2.modules() if getattr(m, "outlier_stats", None)]
@@ -97,12 +100,12 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
     }
     result = {"rows": rows, "generations": gens, "meta": meta}
     if report_dir is not None:
-        result["report"] = str(_write(report_dir, result, hist, layer))
+        result["report"] = str(_write(report_dir, result, hist, layer, errors))
     return result
 
 
-def _write(report_dir, result, hist, layer) -> Path:
-    from ..report import plot_size_vs_perplexity, plot_weight_histogram, write_report
+def _write(report_dir, result, hist, layer, errors) -> Path:
+    from ..report import plot_layer_error, plot_size_vs_perplexity, plot_weight_histogram, write_report
 
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +115,12 @@ def _write(report_dir, result, hist, layer) -> Path:
         plot_weight_histogram(hist["fp32"], {k: v for k, v in hist.items() if k != "fp32"}, p,
                               title=f"{layer}: weights before/after")
         plots["Weight histogram"] = p
+    lossy = {k: v for k, v in errors.items() if max(v.values(), default=0) > 0}
+    if lossy:  # per-layer weight error of the scheme with the largest total error
+        worst = max(lossy, key=lambda k: sum(lossy[k].values()))
+        p = report_dir / "layer_error.png"
+        plot_layer_error(lossy[worst], p, title=f"relative weight error per layer, {worst}")
+        plots[f"Per-layer error ({worst})"] = p
     p = report_dir / "size_vs_quality.png"
     plot_size_vs_perplexity(result["rows"], p)
     plots["Size vs quality"] = p
