@@ -69,10 +69,12 @@ def _groups(block: nn.Module, fam, sequential: bool) -> list[list[str]]:
 
 
 def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: QuantConfig, info: QuantInfo,
-                    batch_size: int = 8, progress: bool = True) -> set[str]:
+                    batch_size: int = 8, progress: bool = True, loader=None) -> set[str]:
     """Quantize the Linears inside the model's blocks with calibration; returns their names.
 
-    plans: layer name -> (scheme or None, method), as resolved by the pipeline.
+    plans: layer name -> (scheme or None, method), as resolved by the pipeline. `loader`, if
+    given, has `load_into(block, prefix)` and fills a block's weights when it is reached
+    (streaming: the blocks start as meta tensors).
     """
     fam = family_of(model)
     blocks = blocks_of(model, fam)
@@ -85,6 +87,8 @@ def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qua
     for bi in bar:
         block = blocks[bi]
         prefix = f"{fam.blocks}.{bi}."
+        if loader is not None:
+            loader.load_into(block, prefix)
         for group in _groups(block, fam, cfg.sequential):
             todo = [(rel, plans.get(prefix + rel, (None, None))) for rel in group]
             todo = [(rel, sc, m) for rel, (sc, m) in todo if sc is not None]

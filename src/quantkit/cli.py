@@ -76,6 +76,18 @@ def cmd_inspect(a):
     c.print(t)
 
 
+def _rss_bytes(peak: bool) -> int:
+    """Peak (ru_maxrss) or current resident memory of this process, in bytes (Linux)."""
+    if peak:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+    except OSError:
+        return 0
+
+
 def cmd_quantize(a):
     import time
 
@@ -88,7 +100,20 @@ def cmd_quantize(a):
     validate_config(cfg)
     out = Path(a.out)
     calib_text = _text(a.calib, "calib") if a.calib and needs_calibration(cfg) else None
-    model, tok = load(a.model)
+    baseline_rss = _rss_bytes(peak=False)
+    loader = None
+    if a.offload_dir:
+        from .errors import DataError
+        from .io.offload import open_streaming
+
+        if not needs_calibration(cfg):
+            raise QuantkitError("--offload-dir streams block by block for calibrated methods (--method gptq); "
+                                "rtn needs no streaming")
+        if calib_text is None:
+            raise DataError("--offload-dir needs --calib PATH: a model streamed from disk cannot write its own calibration text")
+        model, tok, loader = open_streaming(a.model, a.offload_dir)
+    else:
+        model, tok = load(a.model)
     ids = None
     if needs_calibration(cfg):
         from .data import calib_samples, calibration
@@ -96,14 +121,15 @@ def cmd_quantize(a):
         ids = (calib_samples(tok, calib_text, a.calib_samples, a.calib_len, a.seed) if calib_text is not None
                else calibration(tok, None, model, a.calib_samples, a.calib_len, a.seed))
     t0 = time.perf_counter()
-    qm = quantize_model(model, cfg, inplace=True, calib=ids, batch_size=a.batch_size)
+    qm = quantize_model(model, cfg, inplace=True, calib=ids, batch_size=a.batch_size, loader=loader)
     seconds = time.perf_counter() - t0
     save(qm, out, tok)
     from .evaluate.size import disk_bytes
 
     summary = {"out": str(out), "scheme": cfg.scheme.name, "method": cfg.method, "head": qm.quantkit.head.get("scheme"),
                "size_bytes": disk_bytes(out), "layers": len(qm.quantkit.layers), "fallbacks": qm.quantkit.fallbacks,
-               "quantize_seconds": round(seconds, 2)}
+               "quantize_seconds": round(seconds, 2), "peak_rss_bytes": _rss_bytes(peak=True),
+               "baseline_rss_bytes": baseline_rss}
     print(json.dumps(summary, indent=2) if a.json else
           f"wrote {out} ({_mb(summary['size_bytes'])}, {summary['layers']} layers {cfg.scheme.name} via {cfg.method} "
           f"in {seconds:.1f} s, embeddings/head {summary['head']})")
@@ -191,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--static-groups", action="store_true", help="GPTQ with --act-order: choose group scales up front")
     g.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
     g.add_argument("--gptq-block-size", type=int, default=128, help="GPTQ lazy-batch width (default 128)")
+    g.add_argument("--offload-dir", help="stream: keep the float weights on disk and load one block at a time "
+                                        "(non-safetensors sources are expanded there once)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)
 

@@ -102,14 +102,18 @@ def needs_calibration(cfg: QuantConfig) -> bool:
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, progress: bool = True,
-                   calib: torch.Tensor | None = None, batch_size: int = 8) -> nn.Module:
+                   calib: torch.Tensor | None = None, batch_size: int = 8, loader=None) -> nn.Module:
     """Quantize every Linear of `model` under `cfg`; returns the model with `.quantkit` info.
 
     Methods that need statistics (GPTQ) take `calib` token ids [N, L] and run block by block
-    (see `calibrate.py`); data-free methods walk the Linears directly.
+    (see `calibrate.py`); data-free methods walk the Linears directly. `loader` (from
+    io.offload.open_streaming) materializes each block's float weights only when it is reached.
     """
     validate_config(cfg)
-    if not inplace:
+    if loader is not None and not needs_calibration(cfg):
+        raise SchemeError("streaming from disk (offload) is for calibrated methods such as gptq; "
+                          "rtn needs no streaming: load the model and quantize it")
+    if not inplace and loader is None:
         model = copy.deepcopy(model)
     info = QuantInfo(cfg)
     emb_name, out_name, tied = head_modules(model)
@@ -134,10 +138,10 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, pr
         if calib is None:
             raise SchemeError(f"method {cfg.method} needs calibration data: pass calib token ids (--calib PATH)")
         done = quantize_blocks(model, {n: (sc, m) for n, _, sc, m in plans}, calib, cfg, info,
-                               batch_size=batch_size, progress=progress)
+                               batch_size=batch_size, progress=progress, loader=loader)
         plans = [p for p in plans if p[0] not in done]
     for name, mod, scheme, method in tqdm(plans, desc=f"quantize {cfg.scheme.name} ({cfg.method})",
-                                          disable=not progress, unit="layer"):
+                                          disable=not progress or not plans, unit="layer"):
         if scheme is None:
             continue
         if algorithms.get(method).needs:  # outside the known blocks: no statistics were gathered

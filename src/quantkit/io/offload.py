@@ -1,0 +1,122 @@
+"""Streaming: keep the float weights of the blocks on disk and load one block at a time.
+
+`open_streaming(source, offload_dir)` returns a model whose blocks hold no weights (meta
+tensors) plus a `BlockLoader` that assigns one block's tensors from memory-mapped
+safetensors when the calibration walk reaches it. Everything outside the blocks
+(embeddings, final norm, head) is loaded at once. With it, quantizing needs about one float
+block, the quantized blocks so far and the calibration activations — not the float model.
+
+Sources: a Hugging Face folder of safetensors (sharded or not) is read in place. Any other
+source (a GGUF file, the `smollm2` alias, a hub id) is first written to `offload_dir` as a
+float safetensors folder by a child process, so the float model never sits in this process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..errors import SourceError
+from .atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+def _expand_to_folder(source: str, folder: Path, dtype: str) -> None:
+    """Write `source` as a float safetensors folder (+ tokenizer), in a child process."""
+    code = (
+        "import sys, torch; from quantkit.io.load import load; "
+        "m, t = load(sys.argv[1], dtype=getattr(torch, sys.argv[3])); "
+        "m.save_pretrained(sys.argv[2], safe_serialization=True); t is not None and t.save_pretrained(sys.argv[2])"
+    )
+    log.warning("expanding %s to float safetensors in %s (once, in a child process)", source, folder)
+    with atomic_dir(folder) as tmp:
+        r = subprocess.run([sys.executable, "-c", code, str(source), str(tmp), dtype], capture_output=True, text=True)
+        if r.returncode:
+            last = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise SourceError(f"could not expand {source} into {folder}: {last}")
+
+
+def float_folder(source, offload_dir: str | Path | None, dtype: str = "float32") -> Path:
+    """A folder of float safetensors + config.json for `source` (in place for HF folders)."""
+    from .load import resolve
+
+    src = resolve(source)
+    if src.kind in ("hf_dir", "safetensors_file"):
+        folder = Path(src.path)
+        if any(folder.glob("*.safetensors")):
+            return folder
+    if offload_dir is None:
+        raise SourceError(f"streaming {source} needs --offload-dir: a folder for its float weights on disk")
+    folder = Path(offload_dir) / "float"
+    if not (folder / "config.json").is_file():
+        _expand_to_folder(str(source), folder, dtype)
+    return folder
+
+
+class BlockLoader:
+    """Assigns tensors by name prefix from the safetensors files of a folder (memory-mapped)."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        self.folder, self.dtype = Path(folder), dtype
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            weight_map = {}
+            for f in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as h:
+                    weight_map.update({k: f.name for k in h.keys()})
+        self.weight_map = weight_map
+
+    def tensors(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        names = [k for k in self.weight_map if k.startswith(prefix) and not any(k.startswith(e) for e in exclude)]
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for k in names:
+            by_file.setdefault(self.weight_map[k], []).append(k)
+        for fname, keys in by_file.items():
+            with safe_open(str(self.folder / fname), framework="pt") as h:
+                for k in keys:
+                    t = h.get_tensor(k)
+                    out[k[len(prefix):]] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def load_into(self, module: nn.Module, prefix: str) -> None:
+        """Materialize `module` (whose parameters are meta) from the tensors under `prefix`."""
+        state = self.tensors(prefix)
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        left = [n for n, p in module.named_parameters() if p.is_meta]
+        if left:
+            raise SourceError(f"{self.folder}: no weights for {prefix}{left[0]} ({len(left)} missing)")
+
+
+def open_streaming(source, offload_dir=None, dtype: torch.dtype = torch.float32):
+    """(model with weightless blocks, tokenizer, loader) for block-by-block quantization."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..arch import family_of
+
+    folder = float_folder(source, offload_dir, str(dtype).replace("torch.", ""))
+    config = AutoConfig.from_pretrained(str(folder))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fam = family_of(model)
+    loader = BlockLoader(folder, dtype)
+    rest = loader.tensors("", exclude=(fam.blocks + ".",))
+    model.load_state_dict(rest, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    outside = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(fam.blocks + ".")]
+    if outside:
+        raise SourceError(f"{folder}: no weights for {outside[0]}")
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(str(folder)) if (folder / "tokenizer_config.json").exists() else None
+    return model, tok, loader

@@ -1,0 +1,175 @@
+"""GPTQ: beats RTN on correlated inputs, matches the paper's Algorithm 1 (gptq_reference),
+handles dead columns, is deterministic and stores exactly what RTN of the same scheme stores."""
+import pytest
+import torch
+
+from quantkit.algorithms import ALGORITHMS, get
+from quantkit.algorithms.gptq import gptq, gptq_reference
+from quantkit.errors import QuantkitError, SchemeError
+from quantkit.formats import quantize
+from quantkit.formats.integer import int_codes
+from quantkit.scheme import GPTQOptions, parse_scheme
+
+OUT, IN, N = 64, 256, 2048
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """W [64, 256], X [2048, 256] = Z @ A (correlated features) with a few large columns, H = 2/n XᵀX."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(OUT, IN, generator=g)
+    a = torch.randn(IN, IN, generator=g) / IN**0.5  # [in, in] random mixing
+    x = torch.randn(N, IN, generator=g) @ a  # [n, in]
+    x[:, [3, 100, 201]] *= 10.0
+    h = 2.0 / N * (x.double().T @ x.double())  # [in, in]
+    return w, x, h
+
+
+def out_err(w, x, qw) -> float:
+    """||W Xᵀ - Ŵ Xᵀ||²"""
+    return float(((w - qw.dequantize()) @ x.T).pow(2).sum())
+
+
+def codes(qw):
+    return int_codes(qw)[0]
+
+
+SCHEMES = ["int2-g32", "int3-g32", "int4-g32", "int4-g32-sym", "int4", "int4-sym", "int8", "int8-asym", "int3-tensor"]
+OPTIONS = [{}, {"act_order": True}, {"act_order": True, "static_groups": True}, {"block_size": 32}]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=["default", "act_order", "act_order+static", "block32"])
+@pytest.mark.parametrize("name", SCHEMES)
+def test_lower_output_error_than_rtn(layer, name, opts):
+    w, x, h = layer
+    sc = parse_scheme(name)
+    e_rtn = out_err(w, x, quantize(w, sc))
+    e_gptq = out_err(w, x, gptq(w, sc, {"hessian": h, "gptq": opts}))
+    assert e_gptq < 0.8 * e_rtn, (name, opts, e_gptq / e_rtn)
+
+
+@pytest.mark.parametrize("name", ["int2-g32", "int4-g64", "int3-g128-sym", "int4", "int8", "int5-tensor-asym"])
+def test_one_block_equals_reference_algorithm(layer, name):
+    w, x, h = layer
+    sc = parse_scheme(name)
+    fast = gptq(w, sc, {"hessian": h, "gptq": {"block_size": IN}})
+    # same arithmetic (float32 updates): identical codes and parameters
+    ref32 = gptq_reference(w, h, sc, dtype=torch.float32)
+    assert torch.equal(codes(fast), codes(ref32))
+    for k in fast.tensors:
+        assert torch.equal(fast.tensors[k], ref32.tensors[k]), k
+    # float64 updates: the same up to rounding ties (a fine int8 grid has a few)
+    ref64 = gptq_reference(w, h, sc)
+    assert float((codes(fast) == codes(ref64)).float().mean()) > 0.99
+    assert abs(out_err(w, x, fast) / out_err(w, x, ref64) - 1) < 1e-2
+
+
+@pytest.mark.parametrize("block_size", [7, 32, 100])
+@pytest.mark.parametrize("name", ["int4-g64", "int3-g32-sym", "int4"])
+def test_lazy_batches_match_reference(layer, name, block_size):
+    # block sizes that do and do not align with the groups
+    w, x, h = layer
+    sc = parse_scheme(name)
+    fast = gptq(w, sc, {"hessian": h, "gptq": {"block_size": block_size}})
+    ref = gptq_reference(w, h, sc)
+    assert float((codes(fast) == codes(ref)).float().mean()) > 0.999
+    assert (fast.dequantize() - ref.dequantize()).abs().max() <= 2 * fast.tensors["scale"].float().max()
+    assert abs(out_err(w, x, fast) / out_err(w, x, ref) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_act_order_independent_of_block_size(layer, static):
+    w, x, h = layer
+    sc = parse_scheme("int3-g32")
+    a = gptq(w, sc, {"hessian": h, "gptq": {"act_order": True, "static_groups": static, "block_size": IN}})
+    b = gptq(w, sc, {"hessian": h, "gptq": {"act_order": True, "static_groups": static, "block_size": 33}})
+    assert float((codes(a) == codes(b)).float().mean()) > 0.999
+
+
+def test_identity_hessian_is_rtn(layer):
+    # no correlation, equal variances: nothing to compensate, GPTQ rounds to nearest
+    w = layer[0]
+    h = 2.0 * torch.eye(IN, dtype=torch.float64)
+    for name in ["int4-g32", "int3", "int8", "int2-g64-sym"]:
+        sc = parse_scheme(name)
+        q, r = gptq(w, sc, {"hessian": h, "gptq": {"act_order": True}}), quantize(w, sc)
+        for k in r.tensors:
+            assert torch.equal(q.tensors[k], r.tensors[k]), (name, k)
+
+
+@pytest.mark.parametrize("opts", [{}, {"act_order": True}, {"block_size": 16}])
+def test_dead_columns_dequantize_to_zero(layer, opts):
+    w, x, _ = layer
+    x = x.clone()
+    dead = [5, 77] + list(range(128, 160))  # two columns and one whole group of 32
+    x[:, dead] = 0.0
+    h = 2.0 / N * (x.double().T @ x.double())
+    for name in ["int4-g32", "int4-g32-sym", "int8"]:
+        qw = gptq(w, parse_scheme(name), {"hessian": h, "gptq": opts})
+        d = qw.dequantize()
+        assert torch.isfinite(d).all()
+        assert torch.isfinite(qw.tensors["scale"].float()).all()
+        assert (d[:, dead] == 0).all()
+        assert out_err(w, x, qw) < out_err(w, x, quantize(w, parse_scheme(name)))
+
+
+def test_deterministic(layer):
+    w, _, h = layer
+    for name, opts in [("int4-g32", {}), ("int3-g32-sym", {"act_order": True}), ("int8", {"block_size": 32})]:
+        a = gptq(w, parse_scheme(name), {"hessian": h, "gptq": opts})
+        b = gptq(w, parse_scheme(name), {"hessian": h, "gptq": opts})
+        for k in a.tensors:
+            assert torch.equal(a.tensors[k], b.tensors[k])
+
+
+@pytest.mark.parametrize("name", ["int2-g32", "int3-g64-sym", "int4-g128", "int4", "int5-asym", "int6-g32",
+                                  "int7-sym", "int8", "int8-asym", "int4-tensor", "int8-tensor-sym"])
+def test_same_layout_as_rtn(layer, name):
+    w, _, h = layer
+    sc = parse_scheme(name)
+    q = get("gptq").fn(w, sc, {"hessian": h, "gptq": {"act_order": True}})
+    r = quantize(w, sc)
+    assert q.scheme == r.scheme and q.shape == r.shape
+    assert q.tensors.keys() == r.tensors.keys()
+    for k in r.tensors:
+        assert q.tensors[k].dtype == r.tensors[k].dtype and q.tensors[k].shape == r.tensors[k].shape, k
+    assert q.nbytes == r.nbytes
+    assert torch.isfinite(q.dequantize()).all()
+
+
+def test_registered():
+    alg = ALGORITHMS["gptq"]
+    assert alg.fn is gptq and alg.needs == frozenset({"hessian"}) and alg.kinds == frozenset({"int"})
+    alg.check(parse_scheme("int4-g128"))
+    with pytest.raises(SchemeError, match="cannot produce"):
+        alg.check(parse_scheme("nf4"))
+
+
+def test_errors(layer):
+    w, _, h = layer
+    sc = parse_scheme("int4-g32")
+    for stats in ({}, {"gptq": {}}, None):
+        with pytest.raises(QuantkitError, match="needs calibration data"):
+            gptq(w, sc, stats)
+    with pytest.raises(SchemeError, match="unknown GPTQ option"):
+        gptq(w, sc, {"hessian": h, "gptq": {"blocksize": 64}})
+    with pytest.raises(SchemeError, match="damp"):
+        gptq(w, sc, {"hessian": h, "gptq": {"damp": -1}})
+    with pytest.raises(QuantkitError, match="expected"):
+        gptq(w, sc, {"hessian": h[:10, :10]})
+    with pytest.raises(SchemeError, match="integer"):
+        gptq(w, parse_scheme("nf4"), {"hessian": h})
+    singular = torch.ones(IN, IN, dtype=torch.float64)  # rank 1, diagonal non-zero
+    with pytest.raises(QuantkitError, match="raise damp"):
+        gptq(w, sc, {"hessian": singular, "gptq": {"damp": 0.0}})
+
+
+def test_options_object_and_bf16_weight(layer):
+    w, x, h = layer
+    sc = parse_scheme("int4-g32")
+    a = gptq(w, sc, {"hessian": h, "gptq": GPTQOptions(block_size=64)})
+    b = gptq(w, sc, {"hessian": h, "gptq": {"block_size": 64}})
+    assert torch.equal(a.tensors["qweight"], b.tensors["qweight"])
+    wb = w.to(torch.bfloat16)
+    qb = gptq(wb, sc, {"hessian": h.float()})  # any float dtypes in
+    assert out_err(wb.float(), x, qb) < out_err(wb.float(), x, quantize(wb.float(), sc))

