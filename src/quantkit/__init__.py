@@ -31,7 +31,7 @@ def load(source, dtype=None):
 
 def quantize(model, scheme="int8", method="rtn", head=None, rules=(), strict_groups=False,
              inplace=False, progress=True, calib=None, tokenizer=None, calib_samples=128, calib_len=512,
-             seed=0, batch_size=8, sequential=False, damp=0.01, act_order=False, static_groups=False,
+             seed=0, batch_size=8, sequential=False, damp=0.01, act_order=True, static_groups=False,
              gptq_block_size=128):
     """Quantize every Linear layer of `model` (a copy unless `inplace`) and return it.
 

@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for drawing the samples")
     g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     g.add_argument("--sequential", action="store_true", help="quantize a block's Linears in sequential groups (q/k/v, o, gate/up, down)")
-    g.add_argument("--act-order", action="store_true", help="GPTQ: columns in descending Hessian-diagonal order")
+    g.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="GPTQ: columns in their natural order (default: descending Hessian diagonal, act-order)")
     g.add_argument("--static-groups", action="store_true", help="GPTQ with --act-order: choose group scales up front")
     g.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
     g.add_argument("--gptq-block-size", type=int, default=128, help="GPTQ lazy-batch width (default 128)")

@@ -180,7 +180,7 @@ class GPTQOptions:
 
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     block_size: int = 128  # lazy-batch width
-    act_order: bool = False  # columns in descending Hessian-diagonal order
+    act_order: bool = True  # columns in descending Hessian-diagonal order (measured: a large gain on SmolLM2)
     static_groups: bool = False  # with act_order: group scales chosen up front
 
     def __post_init__(self):

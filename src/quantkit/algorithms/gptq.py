@@ -17,7 +17,7 @@ same scheme.
 
 Options (`stats["gptq"]`, a dict with the fields of scheme.GPTQOptions):
 damp (fraction of the mean Hessian diagonal added to it, 0.01), block_size (lazy-batch
-width, 128), act_order (columns in descending Hessian-diagonal order, False), static_groups
+width, 128), act_order (columns in descending Hessian-diagonal order, True), static_groups
 (grouped schemes: every group's scale/zero chosen up front from the un-updated weights,
 False).
 

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-METADATA = {"format": "quantkit", "format_version": str(FORMAT_VERSION)}
+# One key only: safetensors writes the metadata map in hash order, and two keys would make two
+# saves of the same model differ byte for byte.
+METADATA = {"format": f"quantkit/{FORMAT_VERSION}"}
 
 
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
