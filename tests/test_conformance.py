@@ -27,11 +27,14 @@ hf_logging.set_verbosity_error()
 # one representative scheme string per kind and bit width
 REPRESENTATIVES = {
     "float": ["fp32", "bf16", "fp16"],
-    "int": [f"int{b}" for b in range(2, 9)] + [f"int{b}-g32" for b in range(2, 9)],
+    "int": [f"int{b}" for b in range(2, 9)] + [f"int{b}-g32" for b in range(2, 9)]
+    + ["w8a8-dynamic", "w8a8-static-minmax", "w8a8-static-mse-asym"],  # int8 weights + int8 activations
     "nf4": ["nf4", "nf4-dq"],
     "fp4": ["fp4", "fp4-dq"],
     "fp8": ["fp8-e4m3", "fp8-e5m2"],
     "llm-int8": ["llm-int8"],
+    # GGUF block types with blocks of 32 (the K-quants need widths of 256: tests/algorithms, tests/io)
+    "ggml": ["gguf-q8_0", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-iq4_nl"],
 }
 SCHEMES = [s for kind in sorted(FORMATS) for s in REPRESENTATIVES.get(kind, [])]
 CASES = [pytest.param(m, s, id=f"{m}-{s}") for m in sorted(ALGORITHMS) for s in SCHEMES]
@@ -44,6 +47,8 @@ CASES = [pytest.param(m, s, id=f"{m}-{s}") for m in sorted(ALGORITHMS) for s in 
 #   int b, affine:    s = (max-min)/(2^b-1) <= 8 sigma/(2^b-1)    -> bound 8/(sqrt(12)(2^b-1))
 #   nf4 / fp4 (16 levels on [-1, 1] x absmax): mean level spacing 2/15 (nf4), 2/14 (fp4; "-0" is
 #     not a level) times absmax <= 4 sigma                       -> bound spacing*4/sqrt(12)
+#   GGML block types: as the integers (symmetric ones have 2^(b-1) steps on the larger side),
+#     IQ4_NL as nf4
 #   floats round to nearest with m mantissa bits: |error| <= 2^-(m+1) |w| for every element
 #     (bf16 m=7, fp16 m=10, fp8 e4m3 m=3, e5m2 m=2; fp8 is scaled into its normal range)
 # These are expected-value bounds with a margin of about 1.5x over what RTN reaches here.
@@ -62,8 +67,10 @@ def weight_error_bound(s: Scheme) -> float:
         if s.symmetric:
             return 4 / (SQRT12 * (2 ** (s.bits - 1) - 1))
         return 8 / (SQRT12 * (2**s.bits - 1))
-    if s.kind == "nf4":
+    if s.kind == "nf4" or s.fp_format == "IQ4_NL":  # IQ4_NL: 16 levels over [-127, 113]/127, spacing ~2/15
         return (2 / 15) * 4 / SQRT12
+    if s.kind == "ggml":  # symmetric GGML types use 2^(b-1) steps per side (Q4_0: -8..7), affine ones 2^b-1
+        return 4 / (SQRT12 * 2 ** (s.bits - 1)) if s.symmetric else 8 / (SQRT12 * (2**s.bits - 1))
     if s.kind == "fp4":
         return (2 / 14) * 4 / SQRT12
     raise AssertionError(f"no error bound for scheme kind {s.kind!r}: add one here")
@@ -115,7 +122,7 @@ def test_method_scheme_end_to_end(model, ids, calib, method, scheme, tmp_path):
     if cfg.method != method:
         pytest.skip(f"make_config maps {method} + {scheme} to method {cfg.method} (tested as that pair)")
 
-    q = qk.quantize(model, cfg, progress=False, calib=calib if alg.needs else None)
+    q = qk.quantize(model, cfg, progress=False, calib=calib if alg.needs or sc.needs else None)
     assert set(q.quantkit.methods.values()) == {method}
     assert set(q.quantkit.layers.values()) == {sc.name}  # width 64/128: no group fallback
 

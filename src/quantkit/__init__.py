@@ -4,6 +4,7 @@
     model, tok = qk.load("smollm2")                     # alias, HF folder, hub id or .gguf
     qmodel = qk.quantize(model, "int4-g128")            # method="rtn" | "llm-int8"
     qk.save(qmodel, "out/", tok)                        # reload with qk.load("out/")
+    qk.export_gguf(model, tok, "out.gguf", "Q4_K_M")    # a GGUF file llama.cpp runs
     print(qk.evaluate(qmodel, tok, text=qk.text("wiki.test.raw"), reference=model))
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def load(source, dtype=None):
 def quantize(model, scheme="int8", method="rtn", head=None, rules=(), strict_groups=False,
              inplace=False, progress=True, calib=None, tokenizer=None, calib_samples=128, calib_len=512,
              seed=0, batch_size=8, sequential=False, damp=0.01, act_order=True, static_groups=False,
-             gptq_block_size=128):
+             gptq_block_size=128, smooth=None):
     """Quantize every Linear layer of `model` (a copy unless `inplace`) and return it.
 
     scheme: a scheme string (see `quantkit.GRAMMAR`) or Scheme; method: "rtn", "llm-int8" or
@@ -43,6 +44,8 @@ def quantize(model, scheme="int8", method="rtn", head=None, rules=(), strict_gro
     `tokenizer`) or token ids [N, L]; with calib=None they calibrate on text the model
     generates itself (a warning says so). `calib_samples` x `calib_len` tokens, drawn with
     `seed`; `sequential` quantizes a block's Linears group by group (q/k/v, o, gate/up, down).
+    Static activation schemes (`w8a8-static-mse`, ...) calibrate the same way. `smooth=alpha`
+    applies SmoothQuant (alpha 0.5 is the paper's default) before quantizing.
     """
     from .pipeline import needs_calibration, quantize_model, validate_config
 
@@ -52,7 +55,7 @@ def quantize(model, scheme="int8", method="rtn", head=None, rules=(), strict_gro
         from .scheme import GPTQOptions
 
         cfg = make_config(scheme, method, head, rules, strict_groups,
-                          GPTQOptions(damp, gptq_block_size, act_order, static_groups), sequential)
+                          GPTQOptions(damp, gptq_block_size, act_order, static_groups), sequential, smooth)
     validate_config(cfg)
     ids = None
     if needs_calibration(cfg):
@@ -76,6 +79,47 @@ def save(model, out_dir, tokenizer=None):
     from .io.checkpoint import save as _save
 
     return _save(model, out_dir, tokenizer)
+
+
+def export_gguf(model, tokenizer, path, ftype="Q8_0", method="rtn", calib=None, tokenizer_pre=None,
+                progress=True, **calib_options):
+    """Write `model` as a GGUF file of type `ftype` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
+    Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) that llama.cpp runs.
+
+    method="rtn": float weights get llama.cpp's reference rounding; an already quantized model
+    is repacked where its grid fits (see io/gguf.py). method="gptq": every Linear is first
+    solved by GPTQ onto the GGUF block type llama.cpp's rules give it in a file of `ftype`
+    (calibration as in `quantize`: `calib`, `tokenizer`, and `calib_samples`, `calib_len`,
+    `seed`, `act_order`, `damp`, ...), so the file is an ordinary GGUF with lower error.
+    Returns an ExportSummary (path, bytes, tensor types, repacked tensors).
+    """
+    from .io.gguf import export_gguf as _export
+
+    if method != "rtn":
+        model = quantize_for_gguf(model, tokenizer, ftype, method=method, calib=calib, progress=progress,
+                                  **calib_options)
+    elif calib is not None or calib_options:
+        raise SchemeError("calibration options apply to method='gptq' only")
+    return _export(model, tokenizer, path, ftype, tokenizer_pre=tokenizer_pre, progress=progress)
+
+
+def quantize_for_gguf(model, tokenizer, ftype, method="gptq", calib=None, progress=True, **calib_options):
+    """Quantize every Linear of `model` onto the GGUF block type a file of `ftype` gives it
+    (llama.cpp's per-tensor rules), with `method`; embeddings and head stay as they are."""
+    from .io.gguf import plan_types
+    from .scheme import GPTQOptions, gguf_scheme
+
+    types = plan_types(model, ftype)
+    if not types or any(t in ("F32", "F16", "BF16") for t in types.values()):
+        raise SchemeError(f"{ftype} is a float file type: there is nothing for {method} to solve; use method='rtn'")
+    rules = tuple(Rule(name, gguf_scheme(t), method) for name, t in types.items())
+    gkeys = ("damp", "gptq_block_size", "act_order", "static_groups")
+    g = {k: calib_options.pop(k) for k in gkeys if k in calib_options}
+    gptq = GPTQOptions(g.get("damp", 0.01), g.get("gptq_block_size", 128), g.get("act_order", True),
+                       g.get("static_groups", False))
+    cfg = QuantConfig(gguf_scheme(next(iter(types.values()))), method, "keep", rules, True, gptq,
+                      bool(calib_options.pop("sequential", False)))
+    return quantize(model, cfg, calib=calib, tokenizer=tokenizer, progress=progress, **calib_options)
 
 
 def text(source, split="eval"):
@@ -103,7 +147,7 @@ def inspect(model):
 
 
 __all__ = [
-    "load", "quantize", "save", "text", "evaluate", "inspect", "parse_scheme", "make_config",
+    "load", "quantize", "save", "export_gguf", "quantize_for_gguf", "text", "evaluate", "inspect", "parse_scheme", "make_config",
     "Scheme", "QuantConfig", "Rule", "QuantizedWeight", "quantize_tensor", "dequantize", "storage_bytes",
     "GRAMMAR", "QuantkitError", "SchemeError", "SourceError", "DataError",
 ]

@@ -18,19 +18,26 @@ from .errors import SourceError
 class Family:
     blocks: str  # dotted path of the ModuleList of decoder blocks
     groups: tuple[tuple[str, ...], ...]  # Linears of a block (relative names), in sequential groups
+    # SmoothQuant: (module whose output feeds them, Linears that read it). The scale is folded
+    # into the first (a norm's weight/bias or a Linear's rows), so the pair must be linear in it.
+    smooth: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 _LLAMA = Family(
     blocks="model.layers",
     groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
             ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    smooth=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            ("mlp.up_proj", ("mlp.down_proj",))),  # down's input is act(gate)·up: linear in up's rows
 )
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    "gpt2": Family(blocks="transformer.h", groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))),
+    "gpt2": Family(blocks="transformer.h", groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+                   smooth=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",)))),
 }
 
 

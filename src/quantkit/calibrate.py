@@ -1,10 +1,12 @@
 """Block-by-block calibration: the loop every data-driven method shares.
 
 1. Run the calibration samples through the model up to the first block and keep its inputs.
-2. For each block in order, for each group of its Linears (all at once, or in sequential
-   groups such as q/k/v -> o -> gate/up -> down), run the block on the inputs while hooks
-   accumulate each Linear's statistics (for GPTQ the Hessian 2/n XXᵀ in float64), quantize
-   the group and swap in QuantLinear.
+2. For each block in order: with SmoothQuant (`cfg.smooth`), one pass records each Linear
+   input's per-channel absmax and the block is smoothed (algorithms/smoothquant.py). Then for
+   each group of its Linears (all at once, or in sequential groups such as q/k/v -> o ->
+   gate/up -> down), run the block on the inputs while hooks accumulate the statistics each
+   Linear needs (`STATS`: for GPTQ the Hessian 2/n XXᵀ in float64, for static activation
+   schemes an observer of the input range), quantize the group and swap in QuantLinear.
 3. Run the quantized block to get the next block's inputs, so later blocks see the errors
    of earlier ones.
 Memory stays at about one block's weights plus the activations of the samples.
@@ -20,10 +22,76 @@ from tqdm.auto import tqdm
 from . import algorithms
 from .algorithms.hessian import HessianAccumulator
 from .arch import blocks_of, family_of
+from .errors import QuantkitError
+from .observers import make_observer
 from .pipeline import QuantInfo, linear_weight, swap_quantized
-from .scheme import QuantConfig
+from .scheme import QuantConfig, Scheme
 
 log = logging.getLogger(__name__)
+
+
+class _Hessian(HessianAccumulator):
+    def result(self):
+        return self.hessian
+
+
+class _Range:
+    """The input range of a static activation scheme, from the scheme's observer."""
+
+    def __init__(self, scheme: Scheme):
+        self.obs = make_observer(scheme.observer, bits=8, symmetric=scheme.act_symmetric)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.obs.update(x)
+
+    def result(self):
+        return self.obs.qparams()  # (scale, zero or None)
+
+
+class _AbsMax:
+    """Per-input-channel max |x| (SmoothQuant's activation statistic)."""
+
+    def __init__(self):
+        self.m = None
+
+    def add(self, x: torch.Tensor) -> None:
+        a = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()
+        self.m = a if self.m is None else torch.maximum(self.m, a)
+
+    def result(self):
+        return self.m
+
+
+# statistic name -> collector factory (scheme -> object with add(x) and result())
+STATS = {"hessian": lambda scheme: _Hessian(), "act_range": _Range}
+
+
+def _collectors(scheme: Scheme, method: str) -> dict:
+    needs = algorithms.get(method).needs | scheme.needs
+    unknown = needs - STATS.keys()
+    if unknown:
+        raise QuantkitError(f"no collector for statistics {sorted(unknown)} (needed by {method} / {scheme.name})")
+    return {k: STATS[k](scheme) for k in sorted(needs)}
+
+
+def _observe(block: nn.Module, inputs, collectors: dict) -> None:
+    """Run `block` on every input batch while collectors[rel] see the input of Linear `rel`."""
+    def hook(cs):
+        def fn(mod, args, out):  # returns None: the output is left as it is
+            for c in cs:
+                c.add(args[0].detach())
+        return fn
+
+    hooks = [block.get_submodule(rel).register_forward_hook(hook(cs)) for rel, cs in collectors.items() if cs]
+    if not hooks:
+        return
+    try:
+        with torch.no_grad():
+            for h, kw in inputs:
+                _run(block, h, kw)
+    finally:
+        for hk in hooks:
+            hk.remove()
 
 
 class _Stop(Exception):
@@ -89,29 +157,55 @@ def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qua
         prefix = f"{fam.blocks}.{bi}."
         if loader is not None:
             loader.load_into(block, prefix)
+        if cfg.smooth is not None:
+            _smooth(block, fam, inputs, cfg.smooth, plans, prefix)
         for group in _groups(block, fam, cfg.sequential):
             todo = [(rel, plans.get(prefix + rel, (None, None))) for rel in group]
             todo = [(rel, sc, m) for rel, (sc, m) in todo if sc is not None]
-            need = {rel for rel, _, m in todo if "hessian" in algorithms.get(m).needs}
-            accs = {rel: HessianAccumulator() for rel in need}
-            hooks = [block.get_submodule(rel).register_forward_hook(
-                lambda mod, args, out, acc=acc: acc.add(args[0].detach())) for rel, acc in accs.items()]
-            try:
-                if accs:
-                    with torch.no_grad():
-                        for h, kw in inputs:
-                            _run(block, h, kw)
-            finally:
-                for hk in hooks:
-                    hk.remove()
+            cols = {rel: _collectors(sc, m) for rel, sc, m in todo}
+            _observe(block, inputs, {rel: list(c.values()) for rel, c in cols.items()})
             for rel, scheme, method in todo:
-                stats = {"hessian": accs[rel].hessian, "gptq": gopts} if rel in accs else {}
+                stats = {k: c.result() for k, c in cols[rel].items()}
+                if "hessian" in stats:
+                    stats["gptq"] = gopts
                 swap_quantized(model, prefix + rel, block.get_submodule(rel), scheme, method, stats, info)
                 done.add(prefix + rel)
-            del accs
+            del cols
         with torch.no_grad():
             inputs = [(_run(block, h, kw), kw) for h, kw in inputs]
     for name, (sc, _) in plans.items():  # layers kept in high precision are "done" too
         if name.startswith(fam.blocks + ".") and sc is None:
             done.add(name)
     return done
+
+
+def _smooth(block: nn.Module, fam, inputs, alpha: float, plans: dict, prefix: str) -> None:
+    """SmoothQuant one block: per-channel input absmax of each smoothing group, then fold."""
+    from .algorithms.smoothquant import smooth
+
+    groups = [(prev, [r for r in lins if plans.get(prefix + r, (None,))[0] is not None])
+              for prev, lins in fam.smooth]
+    groups = [(prev, lins) for prev, lins in groups if lins]
+    if not groups:
+        return
+    stats = {lins[0]: _AbsMax() for _, lins in groups}  # the Linears of a group share their input
+    _observe(block, inputs, {rel: [c] for rel, c in stats.items()})
+    for prev, lins in groups:
+        absmax = stats[lins[0]].result()
+        if absmax is None:
+            raise QuantkitError(f"no calibration inputs reached {prefix}{lins[0]}; SmoothQuant needs its range")
+        smooth(_producers(block.get_submodule(prev)), [linear_weight(block.get_submodule(r)) for r in lins],
+               absmax, alpha)
+
+
+def _producers(mod: nn.Module) -> list[torch.Tensor]:
+    """The tensors whose dim 0 indexes `mod`'s output channels (where SmoothQuant folds 1/s)."""
+    w = linear_weight(mod)
+    if w is None:
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 1:
+            raise QuantkitError(f"SmoothQuant cannot fold a scale into {type(mod).__name__}")
+    elif type(mod).__name__ == "Conv1D":
+        raise QuantkitError("SmoothQuant folds into norms, or into nn.Linear rows; not into a Conv1D")
+    bias = getattr(mod, "bias", None)
+    return [w.data] + ([bias.data] if isinstance(bias, torch.Tensor) else [])

@@ -96,7 +96,8 @@ def cmd_quantize(a):
     from .scheme import GPTQOptions, make_config
 
     cfg = make_config(a.scheme, a.method, a.head, strict_groups=a.strict_groups,
-                      gptq=GPTQOptions(a.damp, a.gptq_block_size, a.act_order, a.static_groups), sequential=a.sequential)
+                      gptq=GPTQOptions(a.damp, a.gptq_block_size, a.act_order, a.static_groups), sequential=a.sequential,
+                      smooth=a.smooth)
     validate_config(cfg)
     out = Path(a.out)
     calib_text = _text(a.calib, "calib") if a.calib and needs_calibration(cfg) else None
@@ -107,8 +108,8 @@ def cmd_quantize(a):
         from .io.offload import open_streaming
 
         if not needs_calibration(cfg):
-            raise QuantkitError("--offload-dir streams block by block for calibrated methods (--method gptq); "
-                                "rtn needs no streaming")
+            raise QuantkitError("--offload-dir streams block by block for calibrated methods (--method gptq, "
+                                "w8a8-static-*, --smooth); rtn needs no streaming")
         if calib_text is None:
             raise DataError("--offload-dir needs --calib PATH: a model streamed from disk cannot write its own calibration text")
         model, tok, loader = open_streaming(a.model, a.offload_dir)
@@ -133,6 +134,32 @@ def cmd_quantize(a):
     print(json.dumps(summary, indent=2) if a.json else
           f"wrote {out} ({_mb(summary['size_bytes'])}, {summary['layers']} layers {cfg.scheme.name} via {cfg.method} "
           f"in {seconds:.1f} s, embeddings/head {summary['head']})")
+
+
+def cmd_export(a):
+    import time
+
+    from . import load, quantize_for_gguf
+    from .io.gguf import export_gguf
+
+    model, tok = load(a.model)
+    seconds = None
+    if a.method != "rtn":
+        calib = _text(a.calib, "calib") if a.calib else None
+        t0 = time.perf_counter()
+        model = quantize_for_gguf(model, tok, a.gguf, method=a.method, calib=calib, progress=not a.json,
+                                  calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed,
+                                  batch_size=a.batch_size, sequential=a.sequential, act_order=a.act_order,
+                                  static_groups=a.static_groups, damp=a.damp, gptq_block_size=a.gptq_block_size)
+        seconds = time.perf_counter() - t0
+    summary = export_gguf(model, tok, a.out, a.gguf, tokenizer_pre=a.tokenizer_pre, progress=not a.json)
+    if a.json:
+        print(json.dumps({"out": str(summary.path), "gguf_type": summary.ftype, "method": a.method,
+                          "size_bytes": summary.bytes, "tensor_types": summary.types,
+                          "repacked": len(summary.repacked), "requantized": len(summary.requantized),
+                          "quantize_seconds": None if seconds is None else round(seconds, 2)}, indent=2))
+    else:
+        print("\n".join(summary.lines()))
 
 
 def cmd_eval(a):
@@ -161,7 +188,9 @@ def cmd_compare(a, schemes=None, model=None):
 
     text = _text(a.text)
     result = compare(model or a.model, schemes or a.schemes, text=text, ctx=a.ctx, max_tokens=a.max_tokens,
-                     head=a.head, speed=not a.no_speed, report_dir=a.report, command=" ".join(["quantkit"] + sys.argv[1:]))
+                     head=a.head, speed=not a.no_speed, report_dir=a.report, command=" ".join(["quantkit"] + sys.argv[1:]),
+                     calib=_text(a.calib, "calib"), calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed,
+                     smooth=a.smooth)
     if a.json:
         print(to_json(result))
         return
@@ -180,6 +209,28 @@ def cmd_demo(a):
 
 
 # ----------------------------------------------------------------------------- parser
+def _smooth_arg(g):
+    g.add_argument("--smooth", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
+                   help="SmoothQuant: migrate activation outliers into the weights first (alpha, 0.5 if no value)")
+
+
+def _calibration_args(p):
+    g = p.add_argument_group("calibration (gptq, w8a8-static-*, --smooth)")
+    g.add_argument("--calib", help="calibration text file (its last-quarter articles are used) or hf:NAME; "
+                                  "without it the model calibrates on text it generates itself")
+    g.add_argument("--calib-samples", type=int, default=128, help="number of samples (default 128)")
+    g.add_argument("--calib-len", type=int, default=512, help="tokens per sample (default 512)")
+    g.add_argument("--seed", type=int, default=0, help="seed for drawing the samples")
+    g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    g.add_argument("--sequential", action="store_true", help="quantize a block's Linears in sequential groups (q/k/v, o, gate/up, down)")
+    g.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="GPTQ: columns in their natural order (default: descending Hessian diagonal, act-order)")
+    g.add_argument("--static-groups", action="store_true", help="GPTQ with --act-order: choose group scales up front")
+    g.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
+    g.add_argument("--gptq-block-size", type=int, default=128, help="GPTQ lazy-batch width (default 128)")
+    return g
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantkit", description="Quantize models and measure size, quality and speed.",
                                 epilog=f"scheme grammar: {GRAMMAR}")
@@ -205,23 +256,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strict-groups", action="store_true",
                    help="refuse layers whose input width the group size does not divide (default: use the largest smaller group that does)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
-    g = q.add_argument_group("calibration (gptq)")
-    g.add_argument("--calib", help="calibration text file (its last-quarter articles are used) or hf:NAME; "
-                                  "without it the model calibrates on text it generates itself")
-    g.add_argument("--calib-samples", type=int, default=128, help="number of samples (default 128)")
-    g.add_argument("--calib-len", type=int, default=512, help="tokens per sample (default 512)")
-    g.add_argument("--seed", type=int, default=0, help="seed for drawing the samples")
-    g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
-    g.add_argument("--sequential", action="store_true", help="quantize a block's Linears in sequential groups (q/k/v, o, gate/up, down)")
-    g.add_argument("--no-act-order", dest="act_order", action="store_false",
-                   help="GPTQ: columns in their natural order (default: descending Hessian diagonal, act-order)")
-    g.add_argument("--static-groups", action="store_true", help="GPTQ with --act-order: choose group scales up front")
-    g.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
-    g.add_argument("--gptq-block-size", type=int, default=128, help="GPTQ lazy-batch width (default 128)")
+    g = _calibration_args(q)
+    _smooth_arg(g)
     g.add_argument("--offload-dir", help="stream: keep the float weights on disk and load one block at a time "
                                         "(non-safetensors sources are expanded there once)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)
+
+    from .io.ggml_mix import FTYPES
+
+    x = sub.add_parser("export", help="write a GGUF file that llama.cpp runs",
+                       description="Write MODEL as a GGUF file. Float weights are rounded with llama.cpp's reference "
+                                   "rounding (K-quant mixes follow llama.cpp's per-tensor rules), or with --method gptq "
+                                   "solved onto the same block types; a quantkit checkpoint whose grid the type holds "
+                                   "(groups of 32) is repacked without a second rounding.")
+    x.add_argument("model", help=MODEL_HELP)
+    x.add_argument("--gguf", required=True, type=str.upper, choices=list(FTYPES), metavar="TYPE",
+                   help=f"file type: {', '.join(FTYPES)}")
+    x.add_argument("--out", required=True, help="output .gguf file (written atomically)")
+    x.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name, when it cannot be told from the source")
+    x.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn: llama.cpp's rounding; gptq: solve each Linear onto its GGUF block grid (needs calibration)")
+    _calibration_args(x)
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(fn=cmd_export)
 
     e = sub.add_parser("eval", help="perplexity, KLD and top-1 vs a reference, sizes, decode speed")
     e.add_argument("model", help=MODEL_HELP)
@@ -246,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--ctx", type=int, default=512)
         c.add_argument("--head", default=None, choices=HEAD_CHOICES, help="storage of embeddings and output head")
         c.add_argument("--no-speed", action="store_true", help="skip decode timing")
+        g = c.add_argument_group("calibration (w8a8-static-*, --smooth)")
+        g.add_argument("--calib", help="calibration text file (its last-quarter articles are used) or hf:NAME; "
+                                      "without it, schemes that need calibration use text the model generates")
+        g.add_argument("--calib-samples", type=int, default=128, help="number of samples (default 128)")
+        g.add_argument("--calib-len", type=int, default=512, help="tokens per sample (default 512)")
+        g.add_argument("--seed", type=int, default=0, help="seed for drawing the samples")
+        _smooth_arg(g)
         c.add_argument("--report", default=None if name == "compare" else "reports/demo",
                        help="folder for report.md, results.json and PNG plots")
         c.add_argument("--json", action="store_true")

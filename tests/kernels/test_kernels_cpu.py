@@ -8,10 +8,10 @@ import torch
 
 from quantkit.formats import QuantizedWeight, quantize
 from quantkit.kernels import ACT_DTYPE, KERNELS, KERNELS_BY_NAME, pick_kernel
-from quantkit.kernels.cpu import DequantKernel, FloatKernel, Int4Kernel, Int8Kernel, LLMInt8Kernel
+from quantkit.kernels.cpu import DequantKernel, FloatKernel, Int4Kernel, Int8Kernel, LLMInt8Kernel, W8A8Kernel
 
 SCHEMES = ["int8", "int8-asym", "int7", "int5-g32", "int4-g32", "int4-g64-sym", "int4", "int4-tensor",
-           "int3-g32", "int2-g64", "llm-int8", "bf16", "fp16", "fp32", "nf4-dq", "fp8-e4m3"]
+           "int3-g32", "int2-g64", "llm-int8", "bf16", "fp16", "fp32", "nf4-dq", "fp8-e4m3", "w8a8-dynamic"]
 SHAPES = [(48, 576), (32, 128)]
 X_LEADS = [(1,), (3, 5)]  # x is [*lead, K]
 
@@ -19,7 +19,7 @@ X_LEADS = [(1,), (3, 5)]  # x is [*lead, K]
 # - "dequant" and "float" on fp32 weights compute the same fp32 product: only summation order.
 # - bf16-activation kernels round x (and their scales/zero terms) to bf16: 2^-9 relative per
 #   element, so a few 1e-3 at most; 1e-2 leaves a 2x margin over the worst seen.
-# - LLM.int8() quantizes each activation row to int8 (step absmax/127, error <= absmax/254 per
+# - LLM.int8() and w8a8 quantize each activation row to int8 (step absmax/127, error <= absmax/254 per
 #   element, about 0.8% of the row's rms for Gaussian rows): 2e-2.
 TIGHT, BF16_TOL, LLM_INT8_TOL = 1e-6, 1e-2, 2e-2
 
@@ -27,7 +27,7 @@ TIGHT, BF16_TOL, LLM_INT8_TOL = 1e-6, 1e-2, 2e-2
 def _tolerance(kernel, qw) -> float:
     if kernel is DequantKernel or (kernel is FloatKernel and qw.scheme.name == "fp32"):
         return TIGHT
-    if kernel is LLMInt8Kernel:
+    if kernel in (LLMInt8Kernel, W8A8Kernel):  # int8 activations (per row): the same error budget
         return LLM_INT8_TOL
     return BF16_TOL
 

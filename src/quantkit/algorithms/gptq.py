@@ -10,10 +10,12 @@ layer's inputs (H = 2/n · XXᵀ, see hessian.py), so that ||WX - ŴX||² stays 
                          W[:, i:] -= e · Hinv[i, i:]
 
 Three pieces, kept apart: the statistics (hessian.HessianAccumulator), the solver
-(`_solve`, with the paper's lazy batches of `block_size` columns), and the scale/zero
-chooser (formats.integer.choose_qparams, the same one RTN uses). The result is built with
-`from_int_codes`, so it is stored, dequantized and run exactly like an RTN weight of the
-same scheme.
+(`_solve`, with the paper's lazy batches of `block_size` columns), and the grid: for integer
+schemes the scale/zero chooser RTN uses (formats.integer.choose_qparams), for GGUF block
+types (`gguf-q4_0`, `gguf-q4_k`, ...) the type's own parameter choice (formats/ggml.py,
+ggml_k.py; for K-quants this includes quantizing the sub-block scales). The result is stored,
+dequantized and run exactly like an RTN weight of the same scheme, and a GGUF block weight
+goes into a GGUF file byte for byte.
 
 Options (`stats["gptq"]`, a dict with the fields of scheme.GPTQOptions):
 damp (fraction of the mean Hessian diagonal added to it, 0.01), block_size (lazy-batch
@@ -60,8 +62,9 @@ def _options(stats: dict) -> GPTQOptions:
 
 
 def _check(w: torch.Tensor, H: torch.Tensor, scheme: Scheme) -> None:
-    if scheme.kind != "int":
-        raise SchemeError(f"GPTQ produces integer schemes (int2..int8), not {scheme.name}")
+    if scheme.kind not in ("int", "ggml"):
+        raise SchemeError(f"GPTQ produces integer schemes (int2..int8) and GGUF block types (gguf-q4_k, ...), "
+                          f"not {scheme.name}")
     scheme.validate_for(tuple(w.shape))
     inn = w.shape[1]
     if tuple(H.shape) != (inn, inn):
@@ -101,36 +104,101 @@ def _inverse_factor(H: torch.Tensor) -> torch.Tensor:
     return U
 
 
+class _IntGrid:
+    """Scale/zero bookkeeping for integer schemes (formats.integer), group by group."""
+
+    def __init__(self, scheme: Scheme, out: int, inn: int, dev):
+        self.scheme = scheme
+        self.L = group_len(scheme, inn)
+        self.ng = inn // self.L if scheme.grouped else 1
+        rows = 1 if scheme.group_size == PER_TENSOR else out
+        self.scale = torch.empty(rows, self.ng, dtype=torch.float16, device=dev)
+        self.zero = None if scheme.symmetric else torch.empty(rows, self.ng, dtype=torch.uint8, device=dev)
+
+    def choose(self, g: int, cur: torch.Tensor) -> None:  # cur [out, L] current values of group g
+        s, z = choose_qparams(cur, self.scheme)
+        self.scale[:, g] = s
+        if self.zero is not None:
+            self.zero[:, g] = z
+
+    def choose_all(self, w0: torch.Tensor) -> None:  # w0 [out, in], original column order
+        out = w0.shape[0]
+        wg = w0.reshape(1, 1, -1) if self.scheme.group_size == PER_TENSOR else w0.reshape(out, self.ng, -1)
+        s, z = choose_qparams(wg, self.scheme)  # [rows, ng]
+        self.scale.copy_(s)
+        if self.zero is not None:
+            self.zero.copy_(z)
+
+    def quantize(self, x: torch.Tensor, g: int, jg: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and dequantized values of column x [out] (column jg of group g)."""
+        s = self.scale[:, g]
+        z = None if self.zero is None else self.zero[:, g]
+        q = quantize_with(x, s, z, self.scheme)
+        return q, dequantize_with(q, s, z)
+
+    def result(self, q: torch.Tensor) -> QuantizedWeight:
+        return from_int_codes(self.scheme, q, self.scale, self.zero)
+
+
+class _GGMLGrid:
+    """GGML block types (gguf-q4_0, gguf-q4_k, ...): GPTQ onto the GGUF grid itself.
+
+    A group is one block (32) or super-block (256); its parameters (scales, mins, and for
+    K-quants the quantized sub-block scales) are chosen from the current values when it starts.
+    """
+
+    def __init__(self, scheme: Scheme, out: int, inn: int, dev):
+        from ..formats.ggml import grid
+
+        self.scheme, self.grid = scheme, grid(scheme.fp_format)
+        self.L = self.grid.group
+        self.ng = inn // self.L
+        self.P: list = [None] * self.ng
+
+    def choose(self, g: int, cur: torch.Tensor) -> None:
+        self.P[g] = self.grid.params(cur)
+
+    def choose_all(self, w0: torch.Tensor) -> None:
+        for g in range(self.ng):
+            self.choose(g, w0[:, g * self.L:(g + 1) * self.L])
+
+    def quantize(self, x: torch.Tensor, g: int, jg: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.grid.code(x[:, None], self.P[g], jg)
+        return q[:, 0], self.grid.value(q, self.P[g], jg)[:, 0]
+
+    def result(self, q: torch.Tensor) -> QuantizedWeight:
+        parts = [self.grid.pack(q[:, g * self.L:(g + 1) * self.L], self.P[g]) for g in range(self.ng)]
+        return QuantizedWeight(self.scheme, (int(q.shape[0]), int(q.shape[1])), {"qweight": torch.cat(parts, dim=1)})
+
+
+def _grid_for(scheme: Scheme, out: int, inn: int, dev):
+    return (_GGMLGrid if scheme.kind == "ggml" else _IntGrid)(scheme, out, inn, dev)
+
+
 def _solve(w: torch.Tensor, U: torch.Tensor, scheme: Scheme, opts: GPTQOptions, perm: "torch.Tensor | None"):
     """Lazy-batch GPTQ in processing order.
 
     w: float32 [out, in], already permuted (processing order); U: float32 upper factor of
     the permuted H⁻¹ [in, in]; perm[j] = original column of processing position j (None =
-    identity). Returns (codes int32 [out, in] in processing order, scale fp16 [R, ng],
-    zero uint8 [R, ng] or None), groups in ORIGINAL column order (R = out, or 1 per tensor).
+    identity). Returns (codes int32 [out, in] in processing order, grid holding the group
+    parameters, groups in ORIGINAL column order).
     """
     out, inn = w.shape
     dev = w.device
     orig = torch.arange(inn, device=dev) if perm is None else perm  # [in] original column of position j
     pos = torch.empty_like(orig)
     pos[orig] = torch.arange(inn, device=dev)  # [in] processing position of original column c
-    L = group_len(scheme, inn)
+    grid = _grid_for(scheme, out, inn, dev)
+    L = grid.L
     grouped = scheme.grouped
-    ng = inn // L if grouped else 1
+    ng = grid.ng
     gid = (orig // L) if grouped else torch.zeros_like(orig)  # [in] group of position j
-    rows = 1 if scheme.group_size == PER_TENSOR else out
-    scale = torch.empty(rows, ng, dtype=torch.float16, device=dev)
-    zero = None if scheme.symmetric else torch.empty(rows, ng, dtype=torch.uint8, device=dev)
     lazy = grouped and not opts.static_groups
-    if not lazy:  # every scale/zero now, from the un-updated weights
-        w0 = w[:, pos]  # [out, in] back in original order
-        wg = w0.reshape(1, 1, -1) if scheme.group_size == PER_TENSOR else w0.reshape(out, ng, -1)
-        s, z = choose_qparams(wg, scheme)  # [rows, ng]
-        scale.copy_(s)
-        if zero is not None:
-            zero.copy_(z)
+    if not lazy:  # every group's parameters now, from the un-updated weights
+        grid.choose_all(w[:, pos])
     chosen = [False] * ng
     gid_list = gid.tolist()
+    col_in_group = (orig % L).tolist() if grouped else orig.tolist()
     q = torch.empty(out, inn, dtype=torch.int32, device=dev)
     B = opts.block_size
     for i1 in range(0, inn, B):
@@ -149,22 +217,17 @@ def _solve(w: torch.Tensor, U: torch.Tensor, scheme: Scheme, opts: GPTQOptions, 
                 later = cols[~inb]
                 if later.numel():  # not yet updated by this block's errors: apply them now
                     cur[:, ~inb] = w[:, later] - E1[:, :i] @ U[i1:j, later]
-                s, z = choose_qparams(cur, scheme)  # [out]
-                scale[:, g] = s
-                if zero is not None:
-                    zero[:, g] = z
+                grid.choose(g, cur)
                 chosen[g] = True
-            s = scale[:, g]  # [rows]
-            z = None if zero is None else zero[:, g]
             x = W1[:, i]  # [out]
-            qi = quantize_with(x, s, z, scheme)  # [out] int32
-            err = (x - dequantize_with(qi, s, z)) / U1[i, i]  # [out]
+            qi, dq = grid.quantize(x, g, col_in_group[j])  # [out] int32, [out]
+            err = (x - dq) / U1[i, i]  # [out]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
             q[:, j] = qi
         if i2 < inn:
             w[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return q, scale, zero
+    return q, grid
 
 
 def gptq(w: torch.Tensor, scheme: Scheme, stats: dict) -> QuantizedWeight:
@@ -186,10 +249,10 @@ def gptq(w: torch.Tensor, scheme: Scheme, stats: dict) -> QuantizedWeight:
         w = w[:, perm]
         H = H[perm][:, perm]
     U = _inverse_factor(H).to(torch.float32)
-    q, scale, zero = _solve(w, U, scheme, opts, perm)
+    q, grid = _solve(w, U, scheme, opts, perm)
     if perm is not None:
         q = q[:, torch.argsort(perm)]
-    return from_int_codes(scheme, q, scale, zero)
+    return grid.result(q)
 
 
 def gptq_reference(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp: float = 0.01,
@@ -231,5 +294,5 @@ def gptq_reference(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp: float
     return from_int_codes(scheme, Q, scale, zero)
 
 
-register(Algorithm("gptq", gptq, needs=frozenset({"hessian"}), kinds=frozenset({"int"}),
+register(Algorithm("gptq", gptq, needs=frozenset({"hessian"}), kinds=frozenset({"int", "ggml"}),
                    summary="GPTQ: second-order error compensation with the layer-input Hessian (calibrated)"))

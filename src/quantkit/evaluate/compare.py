@@ -35,20 +35,24 @@ def _hist_layer(model) -> str | None:
 
 
 def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192, head=None, speed=True,
-            prompt=DEFAULT_PROMPT, gen_tokens=32, report_dir=None, progress=True, command=None) -> dict:
+            prompt=DEFAULT_PROMPT, gen_tokens=32, report_dir=None, progress=True, command=None, calib=None,
+            calib_samples=128, calib_len=512, seed=0, smooth=None) -> dict:
     """Run the main job for each scheme on `source`; returns {"rows", "generations", "meta"}.
 
     text: the evaluation text (a string) or None to score on text the fp32 model generates
     (KLD and top-1 only; perplexity of a model on its own greedy text is not meaningful).
+    calib: calibration text for schemes that need it (w8a8-static-*, or any with `smooth`);
+    None = text the model generates (a warning says so). Drawn once, shared by every scheme.
     """
     from ..io.load import load
     from ..io.checkpoint import save
-    from ..pipeline import quantize_model
+    from ..pipeline import needs_calibration, quantize_model
 
     schemes = parse_schemes(schemes) if isinstance(schemes, str) else list(schemes)
     for s in schemes:  # validate everything before the long work
-        make_config(s, head=head)
+        make_config(s, head=head, smooth=None if s.is_float else smooth)
     model, tok = load(source)
+    calib_ids = None
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     windows = make_windows(tok, text, ctx, max_tokens, generator_model=model if text is None else None)
     ref = ReferenceCache(model, windows)
@@ -57,10 +61,15 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
     errors: dict[str, dict[str, float]] = {}
     rows, gens = [], {"fp32 (reference)": greedy_generate(model, tok, prompt, gen_tokens)}
     for scheme in schemes:
-        cfg = make_config(scheme, head=head)
+        cfg = make_config(scheme, head=head, smooth=None if scheme.is_float else smooth)
         log.info("compare: %s", scheme.name)
+        if needs_calibration(cfg) and calib_ids is None:
+            from ..data import calib_samples as sample_text, calibration
+
+            calib_ids = (sample_text(tok, calib, calib_samples, calib_len, seed) if calib is not None
+                         else calibration(tok, None, model, calib_samples, calib_len, seed))
         t0 = time.perf_counter()
-        qm = quantize_model(model, cfg, progress=progress)
+        qm = quantize_model(model, cfg, progress=progress, calib=calib_ids if needs_calibration(cfg) else None)
         qtime = time.perf_counter() - t0
         with tempfile.TemporaryDirectory(prefix="quantkit-compare-") as d:
             out = Path(d) / "model"

@@ -22,6 +22,8 @@ the same shape.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..scheme import PER_TENSOR, Scheme
@@ -132,6 +134,28 @@ def from_int_codes(
     return QuantizedWeight(scheme=scheme, shape=shape, tensors=tensors)
 
 
+def act_parts(scheme: Scheme) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Storage parts a static activation scheme adds to its weight: the frozen input scale
+    ("in_scale" float32 [1]) and, for affine activations, zero point ("in_zero" uint8 [1])."""
+    if scheme.act != "static":
+        return {}
+    parts = {"in_scale": (torch.float32, (1,))}
+    if not scheme.act_symmetric:
+        parts["in_zero"] = (torch.uint8, (1,))
+    return parts
+
+
+def with_act_range(qw: QuantizedWeight, scale: torch.Tensor, zero: "torch.Tensor | None") -> QuantizedWeight:
+    """`qw` with the frozen activation scale (and zero point) of a static scheme attached."""
+    tensors = dict(qw.tensors)
+    tensors["in_scale"] = scale.detach().float().reshape(1).clone()
+    if not qw.scheme.act_symmetric:
+        if zero is None:
+            raise ValueError(f"{qw.scheme.name} has affine activations: it needs a zero point")
+        tensors["in_zero"] = zero.detach().reshape(1).to(torch.uint8).clone()
+    return QuantizedWeight(qw.scheme, qw.shape, tensors)
+
+
 def int_codes(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", int]:
     """(q int32 [out, in], scale fp32 [out, n_groups], zero fp32 [out, n_groups] or None, group length).
 
@@ -184,7 +208,8 @@ class IntCodec:
         so, si = scale_shape(scheme, (out, inn))
         n_params = so * si
         q_bytes = packing.packed_nbytes(out * inn, scheme.bits) if scheme.bits <= 4 else out * inn
-        return q_bytes + 2 * n_params + (0 if scheme.symmetric else n_params)
+        act = sum(torch.empty((), dtype=dt).element_size() * math.prod(sh) for dt, sh in act_parts(scheme).values())
+        return q_bytes + 2 * n_params + (0 if scheme.symmetric else n_params) + act
 
 
 INT_CODEC = register(IntCodec())

@@ -117,7 +117,9 @@ def safetensors_bytes(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], met
 
 
 def _spec(qw: QuantizedWeight) -> dict:
-    return {k: (t.dtype, tuple(t.shape)) for k, t in qw.tensors.items()}
+    from ..formats.integer import act_parts
+
+    return {**{k: (t.dtype, tuple(t.shape)) for k, t in qw.tensors.items()}, **act_parts(qw.scheme)}
 
 
 def _meta_quantize(shape, scheme) -> QuantizedWeight:

@@ -124,6 +124,9 @@ def _gguf_arch_supported(arch: str) -> bool | None:
     return arch in supported or _GGUF_ARCH_RENAMES.get(arch) in supported or ("t5" in arch and "t5" in supported)
 
 
+_GGUF_PRE: dict[str, str | None] = {}  # resolved path -> tokenizer.ggml.pre, read by validate_gguf
+
+
 def validate_gguf(path: Path) -> str:
     """Check a GGUF file's magic, header and tensor extents; return its architecture."""
     if not path.is_file():
@@ -144,6 +147,8 @@ def validate_gguf(path: Path) -> str:
         if field is None:
             raise ValueError("no general.architecture in its metadata")
         arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+        pre = reader.fields.get("tokenizer.ggml.pre")
+        _GGUF_PRE[str(path.resolve())] = None if pre is None else bytes(pre.parts[pre.data[0]]).decode("utf-8")
     except SourceError:
         raise
     except Exception as e:  # the reader fails in many ways on damaged files
@@ -273,6 +278,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         raise SourceError(f"transformers could not load {path} (GGUF architecture {arch!r}): {_short(e)}") from None
     finally:
         gguf_utils.tqdm = bar
+    pre = _GGUF_PRE.get(str(path.resolve()))
+    if pre:  # llama.cpp's pre-tokenizer name; GGUF export writes it back (saved with checkpoints too)
+        model.config.gguf_tokenizer_pre = pre
     return model, tok
 
 

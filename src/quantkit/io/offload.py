@@ -30,10 +30,17 @@ log = logging.getLogger(__name__)
 
 def _expand_to_folder(source: str, folder: Path, dtype: str) -> None:
     """Write `source` as a float safetensors folder (+ tokenizer), in a child process."""
+    # safetensors directly, not save_pretrained: transformers refuses to save a model it
+    # de-quantized from GGUF. Tied tensors are written once, under their first name.
     code = (
-        "import sys, torch; from quantkit.io.load import load; "
-        "m, t = load(sys.argv[1], dtype=getattr(torch, sys.argv[3])); "
-        "m.save_pretrained(sys.argv[2], safe_serialization=True); t is not None and t.save_pretrained(sys.argv[2])"
+        "import sys, torch; from pathlib import Path; from safetensors.torch import save_file; "
+        "from quantkit.io.load import load; "
+        "m, t = load(sys.argv[1], dtype=getattr(torch, sys.argv[3])); seen, sd = set(), {}\n"
+        "for k, v in m.state_dict().items():\n"
+        "    if v.data_ptr() not in seen: seen.add(v.data_ptr()); sd[k] = v.contiguous()\n"
+        "save_file(sd, str(Path(sys.argv[2]) / 'model.safetensors'), metadata={'format': 'pt'}); "
+        "c = m.config; c.__dict__.pop('quantization_config', None); c.save_pretrained(sys.argv[2]); "
+        "t is not None and t.save_pretrained(sys.argv[2])"
     )
     log.warning("expanding %s to float safetensors in %s (once, in a child process)", source, folder)
     with atomic_dir(folder) as tmp:
@@ -58,6 +65,30 @@ def float_folder(source, offload_dir: str | Path | None, dtype: str = "float32")
     if not (folder / "config.json").is_file():
         _expand_to_folder(str(source), folder, dtype)
     return folder
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def keep_heap_small() -> None:
+    """glibc only: a fixed mmap threshold (128 KiB), so that freed block-sized buffers (weights,
+    Hessians, activations) go back to the OS instead of growing the heap block after block."""
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
+def trim_heap() -> None:
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class BlockLoader:
@@ -85,11 +116,18 @@ class BlockLoader:
             with safe_open(str(self.folder / fname), framework="pt") as h:
                 for k in keys:
                     t = h.get_tensor(k)
-                    out[k[len(prefix):]] = t.to(self.dtype) if t.is_floating_point() else t
+                    t = t.to(self.dtype) if t.is_floating_point() else t
+                    # a private copy: a tensor viewing the memory-mapped file would keep the
+                    # file's pages resident (and counted in RSS) for as long as it lives
+                    out[k[len(prefix):]] = t.clone()
         return out
 
     def load_into(self, module: nn.Module, prefix: str) -> None:
         """Materialize `module` (whose parameters are meta) from the tensors under `prefix`."""
+        import gc
+
+        gc.collect()  # modules swapped out can sit in reference cycles; free their weights now
+        trim_heap()  # the previous block's float weights and statistics are gone by now
         state = self.tensors(prefix)
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         left = [n for n, p in module.named_parameters() if p.is_meta]
@@ -104,6 +142,7 @@ def open_streaming(source, offload_dir=None, dtype: torch.dtype = torch.float32)
 
     from ..arch import family_of
 
+    keep_heap_small()
     folder = float_folder(source, offload_dir, str(dtype).replace("torch.", ""))
     config = AutoConfig.from_pretrained(str(folder))
     with init_empty_weights(include_buffers=False):

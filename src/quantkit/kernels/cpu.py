@@ -277,8 +277,71 @@ class LLMInt8Kernel(Kernel):
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
 
+class W8A8Kernel(Kernel):
+    """int8 weights (per output row) x int8 activations -> int32 (torch._int_mm), then scaled.
+
+    Activations are quantized here, per token at run time (`w8a8-dynamic`: s_x = absmax/127 of
+    each row), or with the frozen per-tensor scale of a static scheme (`w8a8-static-*`, the
+    "in_scale"/"in_zero" parts its calibration stored). Affine activations x = s(u - z),
+    u in [0, 255], run as int8 u - 128 with the correction s_x·s_w·(128 - z)·Σ_k W_q[n, k].
+
+        y[m, n] = s_x[m] · s_w[n] · Σ_k x_q[m, k] · W_q[n, k]
+    """
+
+    name = "w8a8"
+
+    @staticmethod
+    def supports(qw):
+        return qw.scheme.act in ("dynamic", "static")
+
+    @staticmethod
+    def pack(qw):
+        s = qw.scheme
+        if s.act == "static" and "in_scale" not in qw.tensors:
+            raise ValueError(f"{s.name} needs the activation scale that calibration freezes: quantize it with "
+                             "calibration data (--calib) rather than on its own")
+        q, scale, _, _ = int_codes(qw)
+        b = {"q": q.to(torch.int8), "scale16": qw.tensors["scale"], "scale": scale.reshape(-1)}
+        for k in ("in_scale", "in_zero"):
+            if k in qw.tensors:
+                b[k] = qw.tensors[k]
+        if "in_zero" in qw.tensors:  # (128 - z)·s_x·s_w·rowsum(W_q), folded into one vector
+            corr = (128 - qw.tensors["in_zero"].float()) * qw.tensors["in_scale"].float()
+            b["zterm"] = corr * scale.reshape(-1) * q.sum(1).float()
+        return b
+
+    @staticmethod
+    def unpack(buffers, scheme, shape):
+        qw = from_int_codes(scheme, buffers["q"].to(torch.int32), buffers["scale16"], None)
+        for k in ("in_scale", "in_zero"):
+            if k in buffers:
+                qw.tensors[k] = buffers[k]
+        return qw
+
+    @staticmethod
+    def quantize_input(x2: torch.Tensor, buffers) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes [M, K], scale [M, 1] or [1, 1]) of activations x2 [M, K] float32."""
+        if "in_scale" not in buffers:  # dynamic, per token
+            sx = x2.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0
+            return torch.round(x2 / sx).clamp(-127, 127).to(torch.int8), sx
+        sx = buffers["in_scale"].float().reshape(1, 1)
+        if "in_zero" in buffers:
+            u = torch.round(x2 / sx) + buffers["in_zero"].float()
+            return (u.clamp(0, 255) - 128).to(torch.int8), sx
+        return torch.round(x2 / sx).clamp(-127, 127).to(torch.int8), sx
+
+    @staticmethod
+    def matmul(x, buffers, scheme, shape):
+        x2 = _flat(x).float()
+        xq, sx = W8A8Kernel.quantize_input(x2, buffers)
+        y = torch._int_mm(xq, buffers["q"].t()).float() * (sx * buffers["scale"])
+        if "zterm" in buffers:
+            y = y + buffers["zterm"]
+        return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
+
+
 # Preference order: the first kernel that supports a weight runs it.
-KERNELS: list[type[Kernel]] = [FloatKernel, LLMInt8Kernel, Int4Kernel, Int8Kernel, DequantKernel]
+KERNELS: list[type[Kernel]] = [FloatKernel, W8A8Kernel, LLMInt8Kernel, Int4Kernel, Int8Kernel, DequantKernel]
 KERNELS_BY_NAME = {k.name: k for k in KERNELS}
 
 

@@ -1,0 +1,300 @@
+"""GGUF export through the `gguf` package's writer (import is `load.py`: transformers dequantizes).
+
+    export_gguf(model, tokenizer, "out.gguf", "Q4_0")
+
+What goes into the file:
+* metadata llama.cpp needs: architecture and hyper-parameters (from `model.config`), the
+  tokenizer (vocab, merges, token types, special tokens, chat template; `gguf_tokens.py`),
+  `general.file_type` and `general.quantization_version`;
+* every tensor, named as llama.cpp names it (`gguf.get_tensor_name_map`), Llama-style q/k
+  rows permuted back to llama.cpp's rotary layout, with the type `ggml_mix.tensor_type` picks.
+
+Weights come from the model as they are:
+* float weights (nn.Linear, nn.Embedding, norms) are rounded to the GGUF type by llama.cpp's
+  reference rounding (`formats/ggml.py`), byte for byte what the `gguf` package writes;
+* quantkit weights (QuantLinear) already in the tensor's GGML type (schemes `gguf-*`, e.g.
+  from GPTQ solved onto the GGUF grid, see `plan_types`) are copied byte for byte;
+* quantkit weights whose grid a GGUF type holds exactly (groups of 32: int8 symmetric ->
+  Q8_0, int4/int5 symmetric -> Q4_0/Q5_0, int4/int5 affine -> Q4_1/Q5_1) are *repacked*:
+  codes and scales copied, no second rounding (`repack`). Other quantized weights are
+  dequantized and rounded to the chosen type; the summary says which and why.
+
+The file is written to a temporary sibling and renamed when complete.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import SchemeError, SourceError
+from ..formats import QuantizedWeight
+from ..formats.ggml import LINEAR_GRIDS, quantize_rows
+from ..formats.integer import int_codes
+from .atomic import atomic_path
+from .ggml_mix import FTYPES, tensor_type
+from .gguf_tokens import tokenizer_fields
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Arch:
+    gguf: str  # general.architecture
+    permute_qk: bool  # HF stores q/k rows in the rotate-half layout; llama.cpp wants interleaved pairs
+
+
+# model_type -> how llama.cpp calls it. Adding one = an entry here (plus its hyper-parameters below).
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("llama", True),
+    "mistral": Arch("llama", True),
+    "qwen2": Arch("qwen2", False),
+}
+_SKIP = ("rotary_emb.inv_freq",)  # buffers llama.cpp recomputes
+
+
+@dataclass
+class ExportSummary:
+    path: Path
+    ftype: str
+    bytes: int
+    types: dict[str, int] = field(default_factory=dict)  # GGML type -> tensor count
+    repacked: list[str] = field(default_factory=list)  # tensors whose codes were copied
+    requantized: list[tuple[str, str]] = field(default_factory=list)  # (tensor, why) rounded a second time
+
+    def lines(self) -> list[str]:
+        out = [f"wrote {self.path} ({self.bytes / 1e6:.1f} MB, {self.ftype}; tensor types: "
+               + ", ".join(f"{k} x{v}" for k, v in sorted(self.types.items())) + ")"]
+        if self.repacked:
+            out.append(f"{len(self.repacked)} quantized tensors repacked without a second rounding")
+        if self.requantized:
+            why = sorted({w for _, w in self.requantized})
+            out.append(f"{len(self.requantized)} quantized tensors dequantized and rounded again: " + "; ".join(why))
+        return out
+
+
+def _arch(model: nn.Module) -> tuple[str, Arch]:
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in ARCHS:
+        raise SourceError(f"GGUF export does not support model type {mt!r}; supported: {', '.join(sorted(ARCHS))}")
+    return mt, ARCHS[mt]
+
+
+def _rope_theta(cfg) -> float:
+    theta = getattr(cfg, "rope_theta", None)
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if theta is None and isinstance(params, dict):
+        theta = params.get("rope_theta")
+    return float(theta if theta is not None else 10000.0)
+
+
+def _rope_scaling(cfg) -> dict | None:
+    rs = getattr(cfg, "rope_scaling", None)
+    if not rs:
+        params = getattr(cfg, "rope_parameters", None)
+        rs = params if isinstance(params, dict) else None
+    if not rs or rs.get("rope_type", rs.get("type", "default")) == "default":
+        return None
+    return rs
+
+
+def _hparams(w, model: nn.Module, arch: Arch) -> None:
+    import gguf
+
+    cfg = model.config
+    n_head = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(cfg.hidden_size))
+    w.add_block_count(int(cfg.num_hidden_layers))
+    w.add_feed_forward_length(int(cfg.intermediate_size))
+    w.add_head_count(int(n_head))
+    w.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or n_head))
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_rope_dimension_count(int(head_dim))
+    if head_dim * n_head != cfg.hidden_size:
+        w.add_key_length(int(head_dim))
+        w.add_value_length(int(head_dim))
+    w.add_vocab_size(int(cfg.vocab_size))
+    rs = _rope_scaling(cfg)
+    if rs is not None:
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind != "linear":
+            raise SourceError(f"GGUF export does not support rope scaling {kind!r} yet (only linear)")
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rs["factor"]))
+
+
+def _permute(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows [n_head · head_dim, ...] from HF's rotate-half order to llama.cpp's interleaved pairs.
+
+    Within a head HF keeps the first halves of the rotary pairs, then the second halves
+    (rows 0..d/2-1, d/2..d-1); llama.cpp wants them interleaved (0, d/2, 1, d/2+1, ...).
+    Works on float weights, codes and per-row scales alike (rows only move).
+    """
+    rest = t.shape[1:]
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *rest).transpose(1, 2).reshape(t.shape)
+
+
+def _sources(model: nn.Module) -> dict[str, "torch.Tensor | QuantizedWeight"]:
+    """HF tensor name -> float tensor or QuantizedWeight, for every persistent weight."""
+    from ..nn.quant_linear import QuantEmbedding, QuantLinear
+
+    out: dict[str, torch.Tensor | QuantizedWeight] = {}
+    quantized = set()
+    for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in quantized):
+            continue  # e.g. the head a QuantEmbedding shares (tied weights)
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            prefix = f"{name}." if name else ""
+            out[prefix + "weight"] = mod.quantized_weight()
+            quantized.add(name)
+            if getattr(mod, "bias", None) is not None:
+                out[prefix + "bias"] = mod.bias.detach()
+    for name, t in model.state_dict(keep_vars=False).items():
+        owner = name.rsplit(".", 1)[0]
+        if owner in quantized or name in out or name.endswith(_SKIP):
+            continue
+        out[name] = t.detach()
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "tie_word_embeddings", False):
+        out.pop("lm_head.weight", None)  # llama.cpp uses token_embd when output.weight is absent
+    return out
+
+
+def repack(qw: QuantizedWeight, type_name: str) -> torch.Tensor | None:
+    """Bytes [out, in/32·nbytes] of a quantkit integer weight in a legacy GGUF type, or None.
+
+    Possible when the weight's grid is the type's grid: groups of 32, same code range and
+    symmetry. Affine weights need their offset m = -s·z in float16; it is rounded there
+    (codes and scales are copied exactly).
+    """
+    g = LINEAR_GRIDS.get(type_name)
+    s = qw.scheme
+    if g is None or s.kind != "int" or s.group_size != 32:
+        return None
+    if g.affine == s.symmetric or s.bits != {254: 8, 15: 4, 31: 5}.get(g.qmax - g.qmin):
+        return None
+    if s.symmetric and s.bits != 8 and g.qmin != -(2 ** (s.bits - 1)):
+        return None
+    q, scale, zero, L = int_codes(qw)  # q [out, in]; scale, zero [out, in/32]
+    out, inn = qw.shape
+    d = scale.reshape(-1)
+    m = torch.zeros_like(d) if zero is None else (-scale * zero).reshape(-1)
+    return g.pack(q.reshape(-1, 32), d, m).reshape(out, inn // 32 * g.nbytes)
+
+
+def _to_bytes(src, type_name: str, name: str, summary: ExportSummary) -> torch.Tensor:
+    if isinstance(src, QuantizedWeight):
+        if src.scheme.kind == "float":
+            return quantize_rows(src.dequantize(torch.float32), type_name)
+        if src.scheme.kind == "ggml" and src.scheme.fp_format == type_name:
+            summary.repacked.append(name)  # already the file's bytes (e.g. GPTQ onto this grid)
+            return src.tensors["qweight"]
+        b = repack(src, type_name)
+        if b is not None:
+            summary.repacked.append(name)
+            return b
+        summary.requantized.append((name, f"{src.scheme.name} is not on the {type_name} grid"))
+        return quantize_rows(src.dequantize(torch.float32), type_name)
+    return quantize_rows(src.float(), type_name)
+
+
+def plan_types(model: nn.Module, ftype: str) -> dict[str, str]:
+    """{Linear module name: GGML type} that a GGUF file of `ftype` gives each Linear layer
+    (embeddings and a tied head excluded), by llama.cpp's rules (`ggml_mix`)."""
+    import gguf
+
+    ftype = ftype.upper()
+    if ftype not in FTYPES:
+        raise SchemeError(f"unknown GGUF type {ftype!r}; choose one of {', '.join(FTYPES)}")
+    _, arch = _arch(model)
+    cfg = model.config
+    n_blocks = int(cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf.upper()], n_blocks)
+    has_output = not getattr(cfg, "tie_word_embeddings", False)
+    n_gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            gname = names.get_name(name + ".weight", try_suffixes=(".weight",))
+            if gname is None or gname.startswith(("token_embd", "output.")):
+                continue
+            out[name] = tensor_type(gname, tuple(mod.weight.shape), ftype, n_blocks, has_output, n_gqa)
+    return out
+
+
+def export_gguf(model: nn.Module, tokenizer, path: "str | os.PathLike", ftype: str = "Q8_0",
+                tokenizer_pre: str | None = None, progress: bool = True) -> ExportSummary:
+    """Write `model` (float or quantkit-quantized) and its tokenizer as a GGUF file llama.cpp runs."""
+    import gguf
+
+    ftype = ftype.upper()
+    if ftype not in FTYPES:
+        raise SchemeError(f"unknown GGUF type {ftype!r}; choose one of {', '.join(FTYPES)}")
+    if tokenizer is None:
+        raise SourceError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
+    _, arch = _arch(model)
+    path = Path(path)
+    if path.suffix.lower() != ".gguf":
+        raise SourceError(f"the output file must end in .gguf: {path}")
+    cfg = model.config
+    n_blocks = int(cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf.upper()], n_blocks)
+    srcs = _sources(model)
+    tok_kv = tokenizer_fields(tokenizer, cfg, pre=tokenizer_pre)  # fail before any weight work
+    has_output = "lm_head.weight" in srcs
+    n_gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    plan = []
+    for hf_name, src in srcs.items():
+        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise SourceError(f"GGUF export: no llama.cpp name for tensor {hf_name!r} of a {arch.gguf} model")
+        shape = tuple(src.shape)
+        plan.append((hf_name, gname, src, tensor_type(gname, shape, ftype, n_blocks, has_output, n_gqa)))
+    summary = ExportSummary(path, ftype, 0)
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), desc=f"GGUF {ftype}", unit="tensor", leave=False)
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, arch=arch.gguf)
+        w.add_name(str(getattr(cfg, "_name_or_path", "") or path.stem))
+        _hparams(w, model, arch)
+        w.add_file_type(int(FTYPES[ftype]))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, (value, vtype, sub) in tok_kv.items():
+            if vtype == gguf.GGUFValueType.ARRAY:
+                w.add_key_value(key, value, vtype, sub_type=sub)
+            else:
+                w.add_key_value(key, value, vtype)
+        for hf_name, gname, src, tname in plan:
+            data = _to_bytes(src, tname, gname, summary)
+            if arch.permute_qk and gname.endswith(("attn_q.weight", "attn_k.weight")):
+                data = _permute(data, n_head if "attn_q" in gname else n_kv)
+            if arch.permute_qk and gname.endswith(("attn_q.bias", "attn_k.bias")):
+                data = _permute(data.view(-1, 1), n_head if "attn_q" in gname else n_kv).reshape(-1)
+            arr = data.contiguous().numpy()  # uint8 [..., bytes]; the writer derives the element shape
+            w.add_tensor(gname, arr, raw_shape=arr.shape, raw_dtype=gguf.GGMLQuantizationType[tname])
+            summary.types[tname] = summary.types.get(tname, 0) + 1
+            if bar is not None:
+                bar.update(1)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+    if bar is not None:
+        bar.close()
+    summary.bytes = path.stat().st_size
+    for line in summary.lines():
+        log.info(line)
+    return summary

@@ -1,0 +1,74 @@
+"""The w8a8 integer kernel against a float64 fake-quantization reference (quantize the
+activations the same way, dequantize both operands, multiply in float64)."""
+import pytest
+import torch
+
+from quantkit.formats import quantize
+from quantkit.formats.integer import act_parts, int_codes, with_act_range
+from quantkit.kernels import pick_kernel
+from quantkit.kernels.cpu import W8A8Kernel
+from quantkit.nn import QuantLinear
+from quantkit.scheme import parse_scheme
+
+G = torch.Generator().manual_seed(0)
+W = torch.randn(48, 576, generator=G) * 0.05
+X = torch.randn(3, 7, 576, generator=G)
+X[..., 5] *= 30  # an outlier channel
+
+
+def _reference(x, qw):
+    q, s, _, _ = int_codes(qw)
+    w = (q.double() * s.double())  # [N, K]
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    if qw.scheme.act == "dynamic":
+        sx = (x2.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0).float().double()
+        xh = torch.round(x2 / sx).clamp(-127, 127) * sx
+    else:
+        sx = qw.tensors["in_scale"].double()
+        if "in_zero" in qw.tensors:
+            z = qw.tensors["in_zero"].double()
+            xh = (torch.round(x2 / sx) + z).clamp(0, 255).sub(z) * sx
+        else:
+            xh = torch.round(x2 / sx).clamp(-127, 127) * sx
+    return (xh @ w.T).reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("scheme,scale,zero", [("w8a8-dynamic", None, None),
+                                               ("w8a8-static-minmax", 0.05, None),
+                                               ("w8a8-static-mse-asym", 0.05, 120)])
+def test_kernel_equals_fake_quant_reference(scheme, scale, zero):
+    qw = quantize(W, scheme)
+    if scale is not None:
+        qw = with_act_range(qw, torch.tensor(scale), None if zero is None else torch.tensor(zero))
+    assert pick_kernel(qw) is W8A8Kernel
+    lin = QuantLinear(qw)
+    y = lin(X)
+    ref = _reference(X, qw)
+    assert y.shape == (3, 7, 48) and y.dtype == X.dtype
+    assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    # and the round trip of the storage (the activation parameters included) is exact
+    back = lin.quantized_weight()
+    assert set(back.tensors) == set(qw.tensors)
+    assert all(torch.equal(back.tensors[k], qw.tensors[k]) for k in qw.tensors)
+
+
+def test_static_clips_and_dynamic_does_not():
+    qs = with_act_range(quantize(W, "w8a8-static-minmax"), torch.tensor(0.02), None)  # range +-2.54
+    qd = quantize(W, "w8a8-dynamic")
+    x = torch.zeros(1, 576)
+    x[0, 0] = 100.0
+    ys, yd = QuantLinear(qs)(x), QuantLinear(qd)(x)
+    w0 = int_codes(qd)[0][:, 0].float() * int_codes(qd)[1][:, 0]
+    assert torch.allclose(yd[0], 100.0 * w0, rtol=1e-5, atol=1e-6)  # per-token scale: exact here
+    assert torch.allclose(ys[0], 127 * 0.02 * w0, rtol=1e-5, atol=1e-6)  # clipped at 127 steps
+
+
+def test_static_without_its_scale_is_refused():
+    with pytest.raises(ValueError, match="calibration"):
+        QuantLinear(quantize(W, "w8a8-static-mse"))
+
+
+def test_activation_parts_sizes():
+    assert act_parts(parse_scheme("w8a8-dynamic")) == {}
+    assert act_parts(parse_scheme("w8a8-static-mse")) == {"in_scale": (torch.float32, (1,))}
+    assert set(act_parts(parse_scheme("w8a8-static-entropy-asym"))) == {"in_scale", "in_zero"}

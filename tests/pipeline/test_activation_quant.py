@@ -1,0 +1,124 @@
+"""Activation quantization through the pipeline: static ranges from the observers, SmoothQuant,
+checkpoints, fallbacks (tiny random models; the real model is in tests/integration)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import quantkit as qk
+from quantkit.errors import DataError, SchemeError
+from quantkit.io.checkpoint import WEIGHTS_FILE, expected_weights_bytes
+from quantkit.observers import make_observer
+from quantkit.pipeline import needs_calibration
+from quantkit.scheme import make_config
+
+VOCAB = 256
+
+
+def _llama(outlier=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=True)
+    m = LlamaForCausalLM(cfg).eval()
+    if outlier:  # an LLM-like outlier channel: feature 3 of every attention input is 40x the rest
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.input_layernorm.weight[3] = 40.0
+    return m
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB)).eval()
+    with torch.no_grad():
+        for b in m.transformer.h:
+            b.ln_1.weight[7] = 30.0
+            b.ln_1.bias[7] = 2.0
+    return m
+
+
+def _ids(n=8, length=32, seed=1):
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _err(model, q, ids):
+    with torch.no_grad():
+        return float((q(ids).logits - model(ids).logits).pow(2).mean())
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2])
+def test_smoothquant_alone_preserves_the_function(make):
+    model = make()
+    ids = _ids()
+    q = qk.quantize(model, "fp32", calib=ids, smooth=0.5, progress=False)
+    with torch.no_grad():
+        a, b = model(ids).logits, q(ids).logits
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    norm = "model.layers.0.input_layernorm" if make is _llama else "transformer.h.0.ln_1"
+    moved = q.get_submodule(norm).weight.detach()
+    assert not torch.allclose(moved, model.get_submodule(norm).weight)  # something was actually migrated
+    assert float(moved.abs().max() / moved.abs().median()) < 10  # the outlier channel is flattened
+
+
+def test_smoothquant_rescues_per_tensor_static_activations():
+    model, ids = _llama(), _ids()
+    plain = qk.quantize(model, "w8a8-static-minmax", calib=ids, progress=False)
+    smooth = qk.quantize(model, "w8a8-static-minmax", calib=ids, smooth=0.5, progress=False)
+    assert _err(model, smooth, ids) < 0.5 * _err(model, plain, ids)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-static-minmax", "w8a8-static-mse-asym", "w8a8-static-entropy"])
+def test_static_range_is_the_observers_range_of_the_layer_input(scheme):
+    model, ids = _llama(outlier=False), _ids()
+    q = qk.quantize(model, scheme, calib=ids, progress=False)
+    sc = q.quantkit.config.scheme
+    # the first block's q_proj sees exactly what the float model feeds it (nothing before it is quantized)
+    obs = make_observer(sc.observer, symmetric=sc.act_symmetric)
+    h = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, o: obs.update(a[0]))
+    with torch.no_grad():
+        for i in range(0, ids.shape[0], 8):
+            model(ids[i:i + 8])
+    h.remove()
+    s, z = obs.qparams()
+    qw = q.model.layers[0].self_attn.q_proj.quantized_weight()
+    assert torch.equal(qw.tensors["in_scale"], s.float().reshape(1))
+    if z is not None:
+        assert int(qw.tensors["in_zero"]) == int(z)
+
+
+def test_static_checkpoint_round_trip_and_exact_size(tmp_path):
+    model, ids = _llama(), _ids()
+    cfg = make_config("w8a8-static-percentile-asym", smooth=0.5)
+    q = qk.quantize(model, cfg, calib=ids, progress=False)
+    out = qk.save(q, tmp_path / "ck")
+    assert (out / WEIGHTS_FILE).stat().st_size == expected_weights_bytes(model, cfg)
+    m2, _ = qk.load(out)
+    assert m2.quantkit.config.smooth == 0.5
+    with torch.no_grad():
+        assert torch.equal(m2(ids).logits, q(ids).logits)
+
+
+def test_dynamic_needs_no_calibration_and_static_does():
+    assert not needs_calibration(make_config("w8a8-dynamic"))
+    assert needs_calibration(make_config("w8a8-static-mse"))
+    assert needs_calibration(make_config("int8", smooth=0.5))
+    model = _llama()
+    q = qk.quantize(model, "w8a8-dynamic", progress=False)
+    assert _err(model, q, _ids()) < 1e-3
+    with pytest.raises(DataError, match="tokenizer"):
+        qk.quantize(model, "w8a8-static-mse", progress=False)  # no calib ids, no tokenizer to make them
+
+
+def test_static_with_gptq_weights():
+    model, ids = _llama(outlier=False), _ids(16)
+    q = qk.quantize(model, "w8a8-static-mse", method="gptq", calib=ids, progress=False)
+    assert set(q.quantkit.methods.values()) == {"gptq"}
+    assert "in_scale" in q.model.layers[1].mlp.down_proj.quantized_weight().tensors
+
+
+def test_bad_alpha_and_scheme():
+    with pytest.raises(SchemeError, match="alpha"):
+        make_config("w8a8-static-mse", smooth=1.5)
+    with pytest.raises(SchemeError, match="observer"):
+        make_config("w8a8-static-kl")
