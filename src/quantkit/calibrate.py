@@ -36,30 +36,49 @@ class _Hessian(HessianAccumulator):
 
 
 class _Range:
-    """The input range of a static activation scheme, from the scheme's observer."""
+    """The input range of a static activation scheme, from the scheme's observer (of x / s
+    when SmoothQuant's candidate scales s are given)."""
 
-    def __init__(self, scheme: Scheme):
+    def __init__(self, scheme: Scheme, s: "torch.Tensor | None" = None):
         self.obs = make_observer(scheme.observer, bits=8, symmetric=scheme.act_symmetric)
+        self.s = s
 
     def add(self, x: torch.Tensor) -> None:
-        self.obs.update(x)
+        self.obs.update(x if self.s is None else x / self.s)
 
     def result(self):
         return self.obs.qparams()  # (scale, zero or None)
 
 
 class _AbsMax:
-    """Per-input-channel max |x| (SmoothQuant's activation statistic)."""
+    """Per-input-channel max |x| (SmoothQuant's statistic) and, with `stride`, a sample of input
+    rows for alpha="auto": every stride-th row plus, per batch, the `extremes` rows with the
+    largest |x| (the rare tokens with massive activations decide the ranges, so a strided
+    sample that missed them would choose alpha for a distribution the model does not have)."""
 
-    def __init__(self):
+    extremes = 8
+
+    def __init__(self, stride: int | None = None):
         self.m = None
+        self.stride = stride
+        self.rows: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
-        a = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        a = x2.abs().amax(0)
         self.m = a if self.m is None else torch.maximum(self.m, a)
+        if self.stride:
+            top = x2.abs().amax(1).topk(min(self.extremes, x2.shape[0])).indices
+            keep = torch.zeros(x2.shape[0], dtype=torch.bool)
+            keep[:: self.stride] = True
+            keep[top] = True
+            self.rows.append(x2[keep].clone())
 
     def result(self):
         return self.m
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows)
 
 
 # statistic name -> collector factory (scheme -> object with add(x) and result())
@@ -179,23 +198,52 @@ def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qua
     return done
 
 
-def _smooth(block: nn.Module, fam, inputs, alpha: float, plans: dict, prefix: str) -> None:
-    """SmoothQuant one block: per-channel input absmax of each smoothing group, then fold."""
-    from .algorithms.smoothquant import smooth
+SMOOTH_SAMPLE_ROWS = 2048  # input rows per group that alpha="auto" is chosen on
+
+
+def _smooth(block: nn.Module, fam, inputs, alpha, plans: dict, prefix: str) -> None:
+    """SmoothQuant one block: per-channel input absmax of each smoothing group, then fold
+    (alpha a number, or "auto": chosen per group on a sample of the calibration inputs)."""
+    from .algorithms.smoothquant import act_key, candidate_scales, choose_alpha, fold, smooth
 
     groups = [(prev, [r for r in lins if plans.get(prefix + r, (None,))[0] is not None])
               for prev, lins in fam.smooth]
     groups = [(prev, lins) for prev, lins in groups if lins]
     if not groups:
         return
-    stats = {lins[0]: _AbsMax() for _, lins in groups}  # the Linears of a group share their input
+    rows = sum(h.shape[0] * h.shape[1] for h, _ in inputs)
+    stride = max(1, -(-rows // SMOOTH_SAMPLE_ROWS)) if alpha == "auto" else None
+    stats = {lins[0]: _AbsMax(stride) for _, lins in groups}  # the Linears of a group share their input
     _observe(block, inputs, {rel: [c] for rel, c in stats.items()})
+    found = {}
     for prev, lins in groups:
         absmax = stats[lins[0]].result()
         if absmax is None:
             raise QuantkitError(f"no calibration inputs reached {prefix}{lins[0]}; SmoothQuant needs its range")
-        smooth(_producers(block.get_submodule(prev)), [linear_weight(block.get_submodule(r)) for r in lins],
-               absmax, alpha)
+        found[prev] = (absmax, [linear_weight(block.get_submodule(r)) for r in lins],
+                       [plans[prefix + r][0] for r in lins])
+    if alpha != "auto":
+        for prev, _ in groups:
+            absmax, weights, _ = found[prev]
+            smooth(_producers(block.get_submodule(prev)), weights, absmax, alpha)
+        return
+    # alpha="auto": for each candidate, the static ranges the final observer would choose on
+    # all the calibration inputs divided by that candidate's scales (a second pass), then the
+    # group's output error on the sample decides
+    cands, ranges = {}, {}
+    for prev, lins in groups:
+        absmax, weights, schemes = found[prev]
+        cands[prev] = candidate_scales(absmax, weights)
+        statics = {act_key(sc): sc for sc in schemes if sc.act == "static"}
+        ranges[prev] = {(a, k): _Range(sc, s) for a, s in cands[prev].items() for k, sc in statics.items()}
+    _observe(block, inputs, {lins[0]: list(ranges[prev].values()) for prev, lins in groups if ranges[prev]})
+    for prev, lins in groups:
+        absmax, weights, schemes = found[prev]
+        options = {a: (s, {k: r.result() for (a2, k), r in ranges[prev].items() if a2 == a})
+                   for a, s in cands[prev].items()}
+        a, s = choose_alpha(stats[lins[0]].sample(), weights, schemes, options)
+        log.info("SmoothQuant %s%s: alpha %.1f", prefix, prev, a)
+        fold(_producers(block.get_submodule(prev)), weights, s)
 
 
 def _producers(mod: nn.Module) -> list[torch.Tensor]:

@@ -210,8 +210,9 @@ def cmd_demo(a):
 
 # ----------------------------------------------------------------------------- parser
 def _smooth_arg(g):
-    g.add_argument("--smooth", type=float, nargs="?", const=0.5, default=None, metavar="ALPHA",
-                   help="SmoothQuant: migrate activation outliers into the weights first (alpha, 0.5 if no value)")
+    g.add_argument("--smooth", nargs="?", const="0.5", default=None, metavar="ALPHA",
+                   help="SmoothQuant: migrate activation outliers into the weights first; ALPHA in [0, 1] "
+                        "(0.5 if no value) or 'auto' (chosen per layer group on the calibration data)")
 
 
 def _calibration_args(p):

@@ -280,11 +280,12 @@ class QuantConfig:
     strict_groups: bool = False
     gptq: GPTQOptions = GPTQOptions()
     sequential: bool = False  # calibrated methods: quantize a block's Linears in sequential groups
-    smooth: "float | None" = None  # SmoothQuant migration strength alpha (None = off)
+    smooth: "float | str | None" = None  # SmoothQuant alpha in [0, 1], "auto" (chosen per layer group), None = off
 
     def __post_init__(self):
-        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
-            raise SchemeError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth}")
+        if self.smooth is not None and self.smooth != "auto" and not (
+                isinstance(self.smooth, (int, float)) and 0.0 <= self.smooth <= 1.0):
+            raise SchemeError(f"SmoothQuant alpha must be a number in [0, 1] or 'auto', got {self.smooth!r}")
 
     def to_dict(self) -> dict:
         return {
@@ -326,5 +327,10 @@ def make_config(scheme: "str | Scheme", method: str = "rtn", head: "str | None" 
         method = "llm-int8"
     if method == "llm-int8" and sc.kind != "llm-int8":
         raise SchemeError(f"method llm-int8 stores scheme llm-int8, not {sc.name}; use --scheme llm-int8")
+    if smooth is not None and smooth != "auto":
+        try:
+            smooth = float(smooth)
+        except (TypeError, ValueError):
+            raise SchemeError(f"SmoothQuant alpha must be a number in [0, 1] or 'auto', got {smooth!r}") from None
     return QuantConfig(sc, method, head, tuple(rules), bool(strict_groups), gptq or GPTQOptions(), bool(sequential),
-                       None if smooth is None else float(smooth))
+                       smooth)

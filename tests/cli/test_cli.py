@@ -281,3 +281,52 @@ def test_compare_writes_a_report(capsys, tmp_path, tiny, text_file):
     for p in pngs:
         assert p in md
     assert "int4-g32" in out
+
+
+# ----------------------------------------------------------------------------- GGUF export, w8a8
+def test_export_gguf_from_a_folder_and_from_a_checkpoint(capsys, tmp_path, tiny):
+    import gguf
+
+    out = tmp_path / "m.gguf"
+    res = _json_out(capsys, ["export", tiny, "--gguf", "q8_0", "--out", out, "--tokenizer-pre", "gpt-2", "--json"])
+    assert res["gguf_type"] == "Q8_0" and res["size_bytes"] == out.stat().st_size
+    assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors} == {"Q8_0", "F32"}
+    # a quantkit checkpoint on the Q4_1 grid (int4, groups of 32, affine) is repacked, not rounded again
+    ck = tmp_path / "ck"
+    assert main(["quantize", str(tiny), "--scheme", "int4-g32", "--out", str(ck)]) == 0
+    res = _json_out(capsys, ["export", ck, "--gguf", "Q4_1", "--out", tmp_path / "r.gguf", "--tokenizer-pre",
+                             "gpt-2", "--json"])
+    assert res["repacked"] == 14 and res["requantized"] == 0
+
+
+def test_export_errors_leave_nothing(capsys, tmp_path, tiny):
+    run_error(capsys, ["export", tmp_path / "nope", "--gguf", "Q4_0", "--out", tmp_path / "x.gguf"], "nope")
+    assert not list(tmp_path.iterdir())
+    run_error(capsys, ["export", tiny, "--gguf", "Q4_0", "--out", tmp_path / "x.bin", "--tokenizer-pre", "gpt-2"],
+              ".gguf")
+    assert not list(tmp_path.iterdir())
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # argparse: an unknown type lists the valid ones
+        main(["export", str(tiny), "--gguf", "Q7_0", "--out", str(tmp_path / "x.gguf")])
+    assert "Q4_K_M" in capsys.readouterr().err
+
+
+def test_quantize_w8a8_static_with_smoothquant(capsys, tmp_path, tiny, text_file):
+    out = tmp_path / "w8a8"
+    res = _json_out(capsys, ["quantize", tiny, "--scheme", "w8a8-static-percentile", "--smooth", "--calib", text_file,
+                             "--calib-samples", "4", "--calib-len", "32", "--out", out, "--json"])
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["config"]["smooth"] == 0.5 and set(cfg["layers"].values()) == {"w8a8-static-percentile"}
+    assert res["size_bytes"] == (out / "model.safetensors").stat().st_size
+    run_error(capsys, ["quantize", tiny, "--scheme", "w8a8-static-bogus", "--out", tmp_path / "x"], "observer")
+    run_error(capsys, ["quantize", tiny, "--scheme", "int8", "--smooth", "2", "--calib", text_file,
+                       "--out", tmp_path / "x"], "alpha")
+    assert not (tmp_path / "x").exists()
+
+
+def test_compare_activation_schemes_calibrate_once(capsys, tmp_path, tiny, text_file):
+    res = _json_out(capsys, ["compare", tiny, "--schemes", "fp32,w8a8-dynamic,w8a8-static-mse", "--text", text_file,
+                             "--ctx", "16", "--max-tokens", "64", "--calib", text_file, "--calib-samples", "4",
+                             "--calib-len", "32", "--no-speed", "--json"])
+    assert [r["scheme"] for r in res["rows"]] == ["fp32", "w8a8-dynamic", "w8a8-static-mse"]
+    assert all(r["kl_divergence"] < 0.05 for r in res["rows"])

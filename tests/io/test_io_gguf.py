@@ -174,6 +174,11 @@ def test_mix_rules_follow_llama_cpp():
     assert tensor_type("blk.0.ffn_down.weight", (576, 1536), "Q4_K_M", 30, False) == "Q6_K"
     assert tensor_type("blk.3.ffn_up.weight", (1536, 576), "Q4_K_M", 30, False) == "Q5_0"
     assert tensor_type("blk.0.attn_norm.weight", (576,), "Q4_K_M", 30, False) == "F32"
+    assert tensor_type("blk.3.ffn_down.weight", shape, "Q4_K_S", n, True) == "Q5_K"  # i < n/8
+    assert tensor_type("blk.4.ffn_down.weight", shape, "Q4_K_S", n, True) == "Q4_K"
+    assert tensor_type("blk.3.attn_v.weight", shape, "Q4_K_S", n, True) == "Q5_K"  # i < 4
+    assert tensor_type("blk.9.attn_v.weight", shape, "Q4_K_S", 80, True, n_gqa=8) == "Q5_K"  # the 70B rule
+    assert tensor_type("blk.9.attn_v.weight", shape, "Q4_K_S", 80, True, n_gqa=1) == "Q4_K"
 
 
 @pytest.mark.model

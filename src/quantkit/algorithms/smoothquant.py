@@ -12,8 +12,12 @@ input channel j, chosen from calibration data:
 X / s is folded into the module that produces X (a norm's weight and bias, or the rows of
 the Linear before), W·s into the Linears that read it, so the float model computes exactly
 the same function before it is quantized. Which modules pair up is declared per model family
-(arch.Family.smooth); the statistics (max|X_j| over the calibration tokens) come from the
-pipeline (calibrate.py).
+(arch.Family.smooth); the statistics (max|X_j| over the calibration tokens, and for
+alpha="auto" a sample of the inputs) come from the pipeline (calibrate.py).
+
+alpha="auto" (`choose_alpha`) picks alpha per group from ALPHAS: the one whose smoothed and
+quantized Linears reproduce the group's float outputs best on the calibration sample, the way
+Intel Neural Compressor's SmoothQuant tunes it per layer.
 """
 from __future__ import annotations
 
@@ -48,3 +52,72 @@ def smooth(producers: list[torch.Tensor], weights: list[torch.Tensor], act_absma
     s = smoothing_scales(act_absmax, weights, alpha)
     fold(producers, weights, s)
     return s
+
+
+# ---------------------------------------------------------------- choosing alpha per group
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def act_key(scheme) -> tuple:
+    """Schemes with the same key quantize a layer input the same way."""
+    return (scheme.act, scheme.observer, scheme.act_symmetric)
+
+
+def _fake_input(x: torch.Tensor, scheme, qparams=None) -> torch.Tensor:
+    """The layer input as the quantized model will see it (float, [N, in]); a static scheme
+    uses `qparams` (scale, zero) when given, else observes x itself."""
+    from ..formats.integer import fake_quantize_activation
+    from ..observers import make_observer
+
+    if scheme.act == "dynamic":
+        return fake_quantize_activation(x)
+    if scheme.act == "static":
+        if qparams is None:
+            obs = make_observer(scheme.observer, bits=8, symmetric=scheme.act_symmetric)
+            obs.update(x)
+            qparams = obs.qparams()
+        return fake_quantize_activation(x, *qparams)
+    return x
+
+
+def group_error(x: torch.Tensor, weights: list[torch.Tensor], schemes: list, s: torch.Tensor,
+                qparams: dict | None = None) -> float:
+    """Σ_i Σ_rows ||x̂ Ŵ_iᵀ - x W_iᵀ||² / ||x W_iᵀ||² (each token's relative output error, so the
+    few tokens with massive activations and outputs do not outweigh all the others) when the
+    group (input sample x [N, in], Linears W_i [out_i, in] stored as schemes[i]) is smoothed
+    by s and then quantized (weights by round-to-nearest).
+    qparams: {act_key(scheme): (scale, zero)} of static schemes, observed on all the
+    calibration inputs divided by s (the sample alone can misjudge rare massive values)."""
+    from ..formats import quantize
+
+    err = 0.0
+    xs = x / s
+    fake: dict = {}
+    for w, scheme in zip(weights, schemes):
+        key = act_key(scheme)
+        if key not in fake:
+            fake[key] = _fake_input(xs, scheme, (qparams or {}).get(key))
+        ws = w.float() * s[None, :]
+        wq = ws if scheme.is_float else quantize(ws, scheme).dequantize()
+        y = x @ w.float().T  # [N, out]
+        err += float((((fake[key] @ wq.T - y) ** 2).sum(1) / (y * y).sum(1).clamp(min=1e-12)).sum())
+    return err
+
+
+def choose_alpha(x: torch.Tensor, weights: list[torch.Tensor], schemes: list, candidates: dict) -> tuple[float, torch.Tensor]:
+    """The migration strength whose smoothed-then-quantized group reproduces the float outputs
+    best on the sample x [N, in]. candidates: {alpha: (s, qparams)} (see `candidate_scales`
+    and `group_error`); returns (alpha, s). Layers differ a lot (those fed by massive
+    activations want more migration), so one alpha for a whole model is a compromise this
+    search avoids."""
+    best = None
+    for a, (s, qp) in candidates.items():
+        e = group_error(x, weights, schemes, s, qp)
+        if best is None or e < best[0]:
+            best = (e, a, s)
+    return best[1], best[2]
+
+
+def candidate_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alphas=ALPHAS) -> dict:
+    """{alpha: s} for the search."""
+    return {a: smoothing_scales(act_absmax, weights, a) for a in alphas}

@@ -8,7 +8,8 @@ from ..scheme import make_config
 from .size import memory_bytes, module_breakdown, param_dtypes
 
 INSPECT_SCHEMES = ("fp32", "bf16", "fp16", "fp8-e4m3", "int8", "llm-int8", "int8-g128", "int4-g128", "int4-g32",
-                   "int4", "int3-g128", "int2-g64", "nf4", "nf4-dq", "fp4-dq")
+                   "int4", "int3-g128", "int2-g64", "nf4", "nf4-dq", "fp4-dq", "w8a8-dynamic", "w8a8-static-mse",
+                   "gguf-q8_0", "gguf-q4_0")
 
 
 def inspect_model(model, schemes=INSPECT_SCHEMES) -> dict:

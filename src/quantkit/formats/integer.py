@@ -145,6 +145,32 @@ def act_parts(scheme: Scheme) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     return parts
 
 
+def quantize_activation(x2: torch.Tensor, scale: "torch.Tensor | None" = None,
+                        zero: "torch.Tensor | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes [M, K] and scale of activations x2 [M, K] float32, the w8a8 way.
+
+    scale None: per token, symmetric, s = absmax/127 of each row (w8a8-dynamic). Otherwise the
+    frozen per-tensor scale; with `zero` the codes are affine u = round(x/s) + z in [0, 255],
+    returned shifted to int8 (u - 128) so that an int8 x int8 matmul can take them.
+    x ≈ s·q (symmetric) or s·(q + 128 - z) (affine).
+    """
+    if scale is None:
+        s = x2.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0  # [M, 1]
+        return torch.round(x2 / s).clamp(-127, 127).to(torch.int8), s
+    s = scale.float().reshape(1, 1)
+    if zero is not None:
+        u = torch.round(x2 / s) + zero.float().reshape(1, 1)
+        return (u.clamp(0, 255) - 128).to(torch.int8), s
+    return torch.round(x2 / s).clamp(-127, 127).to(torch.int8), s
+
+
+def fake_quantize_activation(x2: torch.Tensor, scale=None, zero=None) -> torch.Tensor:
+    """What the w8a8 kernel multiplies, in float: dequantize(quantize_activation(x2))."""
+    q, s = quantize_activation(x2, scale, zero)
+    shift = 0.0 if zero is None else 128.0 - zero.float().reshape(1, 1)
+    return (q.float() + shift) * s
+
+
 def with_act_range(qw: QuantizedWeight, scale: torch.Tensor, zero: "torch.Tensor | None") -> QuantizedWeight:
     """`qw` with the frozen activation scale (and zero point) of a static scheme attached."""
     tensors = dict(qw.tensors)

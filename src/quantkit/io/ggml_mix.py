@@ -9,14 +9,15 @@ same type hold the same tensor types and have the same size:
 * The output head (or `token_embd` when the head is tied to it) gets Q6_K; Q8_0 in a Q8_0
   file or when its rows are not a multiple of 256.
 * K-quant mixes raise some tensors (layer index i of n, `more(i, n)` = i < n/8 or
-  i >= 7n/8 or (i - n/8) % 3 == 2, the first and last eighth and every third in between):
+  i >= 7n/8 or (i - n/8) % 3 == 2, the first and last eighth and every third in between;
+  for 70B-style models, 80 layers with grouped kv heads, an attn_v of Q3_K/Q4_K becomes Q5_K):
 
       type    base   attn_v                     attn_output  ffn_down
       Q2_K    Q2_K   Q3_K (Q4_K if n_gqa >= 4)  Q3_K         Q3_K
       Q3_K_S  Q3_K   -                          -            -
       Q3_K_M  Q3_K   Q5_K if i < 2 else Q4_K    Q4_K         Q5_K if i < n/16 else Q4_K
       Q3_K_L  Q3_K   Q5_K                       Q5_K         Q5_K
-      Q4_K_S  Q4_K   Q5_K if i < 4              -            -
+      Q4_K_S  Q4_K   Q5_K if i < 4              -            Q5_K if i < n/8
       Q4_K_M  Q4_K   Q6_K if more(i, n)         -            Q6_K if more(i, n)
       Q5_K_S  Q5_K   -                          -            -
       Q5_K_M  Q5_K   Q6_K if more(i, n)         -            Q6_K if more(i, n)
@@ -56,19 +57,32 @@ def more_bits(i: int, n: int) -> bool:
 
 
 def _raised(gname: str, ftype: str, i: int, n: int, n_gqa: int) -> str | None:
+    """The type llama.cpp raises tensor `gname` of layer i (of n) to in a file of `ftype`, or None."""
     if gname.endswith("attn_v.weight"):
-        return {"Q2_K": "Q4_K" if n_gqa >= 4 else "Q3_K",
-                "Q3_K_M": "Q5_K" if i < 2 else "Q4_K",
-                "Q3_K_L": "Q5_K",
-                "Q4_K_S": "Q5_K" if i < 4 else None,
-                "Q4_K_M": "Q6_K" if more_bits(i, n) else None,
-                "Q5_K_M": "Q6_K" if more_bits(i, n) else None}.get(ftype)
+        t = _attn_v(ftype, i, n, n_gqa) or _BASE.get(ftype, ftype)
+        if n == 80 and n_gqa > 1 and t in ("Q3_K", "Q4_K"):  # llama.cpp's 70B rule (80 layers, grouped kv)
+            return "Q5_K"
+        return t
+    return _raised_other(gname, ftype, i, n)
+
+
+def _attn_v(ftype: str, i: int, n: int, n_gqa: int) -> str | None:
+    return {"Q2_K": "Q4_K" if n_gqa >= 4 else "Q3_K",
+            "Q3_K_M": "Q5_K" if i < 2 else "Q4_K",
+            "Q3_K_L": "Q5_K",
+            "Q4_K_S": "Q5_K" if i < 4 else None,
+            "Q4_K_M": "Q6_K" if more_bits(i, n) else None,
+            "Q5_K_M": "Q6_K" if more_bits(i, n) else None}.get(ftype)
+
+
+def _raised_other(gname: str, ftype: str, i: int, n: int) -> str | None:
     if gname.endswith("attn_output.weight"):
         return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype)
     if gname.endswith("ffn_down.weight"):
         return {"Q2_K": "Q3_K",
                 "Q3_K_M": "Q5_K" if i < n // 16 else "Q4_K",
                 "Q3_K_L": "Q5_K",
+                "Q4_K_S": "Q5_K" if i < n // 8 else None,
                 "Q4_K_M": "Q6_K" if more_bits(i, n) else None,
                 "Q5_K_M": "Q6_K" if more_bits(i, n) else None}.get(ftype)
     return None

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import QuantizedWeight
-from ..formats.integer import from_int_codes, int_codes
+from ..formats.integer import from_int_codes, int_codes, quantize_activation
 from ..scheme import Scheme
 
 ACT_DTYPE = torch.bfloat16  # activation dtype of the packed kernels
@@ -319,21 +319,9 @@ class W8A8Kernel(Kernel):
         return qw
 
     @staticmethod
-    def quantize_input(x2: torch.Tensor, buffers) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 codes [M, K], scale [M, 1] or [1, 1]) of activations x2 [M, K] float32."""
-        if "in_scale" not in buffers:  # dynamic, per token
-            sx = x2.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0
-            return torch.round(x2 / sx).clamp(-127, 127).to(torch.int8), sx
-        sx = buffers["in_scale"].float().reshape(1, 1)
-        if "in_zero" in buffers:
-            u = torch.round(x2 / sx) + buffers["in_zero"].float()
-            return (u.clamp(0, 255) - 128).to(torch.int8), sx
-        return torch.round(x2 / sx).clamp(-127, 127).to(torch.int8), sx
-
-    @staticmethod
     def matmul(x, buffers, scheme, shape):
         x2 = _flat(x).float()
-        xq, sx = W8A8Kernel.quantize_input(x2, buffers)
+        xq, sx = quantize_activation(x2, buffers.get("in_scale"), buffers.get("in_zero"))
         y = torch._int_mm(xq, buffers["q"].t()).float() * (sx * buffers["scale"])
         if "zterm" in buffers:
             y = y + buffers["zterm"]
