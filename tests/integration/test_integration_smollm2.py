@@ -100,3 +100,25 @@ def test_cli_bad_group_leaves_no_output(smollm2_path, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "576" in err[0]
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_w8a8_static_with_smoothquant_and_dynamic(smol, windows, reference, wikitext_path, tmp_path):
+    """Activation quantization on the real model: SmoothQuant rescues per-tensor static int8
+    activations (SmolLM2 has massive activations in some down_proj inputs), and the saved
+    checkpoint reloads to the same logits. Thresholds leave room over what 8 samples give."""
+    from quantkit.data import calib_samples
+
+    model, tok = smol
+    calib = calib_samples(tok, qk.text(wikitext_path, split="calib"), 8, 512, 0)
+    plain = score(qk.quantize(model, "w8a8-static-minmax", calib=calib, progress=False), windows,
+                  reference=reference, progress=False)
+    qm = qk.quantize(model, "w8a8-static-minmax", calib=calib, smooth="auto", progress=False)
+    smooth = score(qm, windows, reference=reference, progress=False)
+    assert smooth["kl_divergence"] < 0.5 * plain["kl_divergence"], (smooth, plain)
+    assert smooth["perplexity"] < 1.08 * reference.perplexity, (smooth, reference.perplexity)
+    out, m2, _ = _roundtrip(qm, tok, tmp_path)
+    with torch.inference_mode():
+        assert torch.equal(qm(windows[:1, :64]).logits, m2(windows[:1, :64]).logits)
+    dyn = score(qk.quantize(model, "w8a8-dynamic", calib=calib, smooth=0.5, progress=False), windows,
+                reference=reference, progress=False)
+    assert dyn["perplexity"] < 1.02 * reference.perplexity and dyn["kl_divergence"] < 0.03, dyn
