@@ -215,13 +215,16 @@ def _smooth_arg(g):
                         "(0.5 if no value) or 'auto' (chosen per layer group on the calibration data)")
 
 
-def _calibration_args(p):
-    g = p.add_argument_group("calibration (gptq, w8a8-static-*, --smooth)")
+def _calibration_args(p, gptq=True):
+    """--calib and its sampling options; with gptq, the GPTQ solver's options too."""
+    g = p.add_argument_group("calibration (gptq, w8a8-static-*, --smooth)" if gptq else "calibration (w8a8-static-*, --smooth)")
     g.add_argument("--calib", help="calibration text file (its last-quarter articles are used) or hf:NAME; "
                                   "without it the model calibrates on text it generates itself")
     g.add_argument("--calib-samples", type=int, default=128, help="number of samples (default 128)")
     g.add_argument("--calib-len", type=int, default=512, help="tokens per sample (default 512)")
     g.add_argument("--seed", type=int, default=0, help="seed for drawing the samples")
+    if not gptq:
+        return g
     g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     g.add_argument("--sequential", action="store_true", help="quantize a block's Linears in sequential groups (q/k/v, o, gate/up, down)")
     g.add_argument("--no-act-order", dest="act_order", action="store_false",
@@ -305,13 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--ctx", type=int, default=512)
         c.add_argument("--head", default=None, choices=HEAD_CHOICES, help="storage of embeddings and output head")
         c.add_argument("--no-speed", action="store_true", help="skip decode timing")
-        g = c.add_argument_group("calibration (w8a8-static-*, --smooth)")
-        g.add_argument("--calib", help="calibration text file (its last-quarter articles are used) or hf:NAME; "
-                                      "without it, schemes that need calibration use text the model generates")
-        g.add_argument("--calib-samples", type=int, default=128, help="number of samples (default 128)")
-        g.add_argument("--calib-len", type=int, default=512, help="tokens per sample (default 512)")
-        g.add_argument("--seed", type=int, default=0, help="seed for drawing the samples")
-        _smooth_arg(g)
+        _smooth_arg(_calibration_args(c, gptq=False))
         c.add_argument("--report", default=None if name == "compare" else "reports/demo",
                        help="folder for report.md, results.json and PNG plots")
         c.add_argument("--json", action="store_true")

@@ -121,18 +121,20 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, pr
         model = copy.deepcopy(model)
     info = QuantInfo(cfg)
     emb_name, out_name, tied = head_modules(model)
-    targets = [(n, m) for n, m in model.named_modules() if linear_weight(m) is not None and n != out_name]
+    # names and shapes only, no module references: streamed blocks' float weights must be freeable
+    targets = [(n, tuple(linear_weight(m).shape)) for n, m in model.named_modules()
+               if linear_weight(m) is not None and n != out_name]
     if not targets:
         raise SchemeError("this model has no Linear layers to quantize")
     plans = []
-    for name, mod in targets:  # validate every layer before touching any
-        scheme, method, asked = resolve_layer(name, tuple(linear_weight(mod).shape), cfg)
+    for name, shape in targets:  # validate every layer before touching any
+        scheme, method, asked = resolve_layer(name, shape, cfg)
         if scheme is not None:
             algorithms.get(method).check(scheme)
             if scheme != asked:
-                key = f"{asked.name} -> {scheme.name} (input width {mod_in(mod)})"
+                key = f"{asked.name} -> {scheme.name} (input width {shape[1]})"
                 info.fallbacks[key] = info.fallbacks.get(key, 0) + 1
-        plans.append((name, scheme, method))  # no module reference: streamed weights must be freeable
+        plans.append((name, scheme, method))
     for key, count in info.fallbacks.items():
         log.warning("%d layers: %s, because the group size does not divide the width "
                     "(strict_groups=True refuses instead)", count, key)
@@ -171,10 +173,6 @@ def swap_quantized(model, name, mod, scheme, method, stats, info: QuantInfo) -> 
     info.errors[name] = relative_error(w, qw)
     _set_module(model, name, QuantLinear(qw, getattr(mod, "bias", None)))
     info.layers[name], info.methods[name] = scheme.name, method
-
-
-def mod_in(mod: nn.Module) -> int:
-    return linear_weight(mod).shape[1]
 
 
 def relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:

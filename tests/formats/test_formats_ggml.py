@@ -94,7 +94,7 @@ def test_linear_grid_encode_decode_round_trip():
     d, m = g.choose(x)
     q = g.encode(x, d[:, None], m[:, None])
     assert int(q.min()) >= g.qmin and int(q.max()) <= g.qmax
-    q2, d2, m2 = g.unpack(g.pack(q, d, m))
+    q2, d2, m2 = g.unpack(g.pack_dm(q, d, m))
     assert torch.equal(q2, q)
     assert torch.equal(d2, d.half().float()) and torch.equal(m2, m.half().float())
     # inside the range the error is at most half a step (plus the float16 rounding of d and m)

@@ -72,6 +72,32 @@ def test_streaming_gives_the_same_bytes(tmp_path):
     assert _digest(eager, tmp_path, "e") == _digest(streamed, tmp_path, "s")
 
 
+def test_streaming_frees_each_float_block_once_it_is_quantized(tmp_path):
+    """Peak memory stays at about one float block: nothing may keep a quantized block's float
+    weights alive (a list of (name, module) pairs once did, until the whole walk ended)."""
+    import gc
+    import weakref
+
+    model = _llama()
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    smodel, _, loader = open_streaming(folder, tmp_path / "off")
+    seen: list = []
+    load = loader.load_into
+
+    def load_into(block, prefix):
+        if seen:  # every earlier block has been quantized by now
+            gc.collect()
+            alive = [w for w in seen if w() is not None]
+            assert not alive, f"{len(alive)} float weights of earlier blocks are still referenced"
+        load(block, prefix)
+        seen.extend(weakref.ref(m.weight) for m in block.modules() if isinstance(m, torch.nn.Linear))
+
+    loader.load_into = load_into
+    quantize_model(smodel, qk.make_config("int4-g32", "gptq"), calib=_calib(), loader=loader, progress=False)
+    assert len(seen) == 14
+
+
 def test_unknown_family_names_the_known_ones():
     from transformers import BertConfig, BertForMaskedLM
 

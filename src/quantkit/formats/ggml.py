@@ -128,7 +128,7 @@ class LinearGrid:
             q = torch.trunc(x * inv + (0.5 - self.qmin)) + self.qmin
         return q.clamp(self.qmin, self.qmax).to(torch.int32)
 
-    def pack(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def pack_dm(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """codes [n, 32], d [n], m [n] -> [n, nbytes] uint8."""
         parts = [_f16_bytes(d)]
         if self.affine:
@@ -156,7 +156,8 @@ class LinearGrid:
             hi, o = _unhigh(b[:, o:o + 4]) << 4, o + 4
         return (_unnibble(b[:, o:]) | hi) + self.qmin, d, m
 
-    # The grid interface GPTQ uses (see ggml_k.KGrid): one block = one group of 32 columns.
+    # The grid interface GPTQ uses (params / code / value / pack, as ggml_k.KGrid): one block =
+    # one group of 32 columns.
     group = BLOCK
 
     def params(self, x: torch.Tensor) -> dict:
@@ -170,14 +171,14 @@ class LinearGrid:
     def value(self, q: torch.Tensor, P: dict, j0: int = 0) -> torch.Tensor:
         return P["d"][:, None] * q.float() + P["m"][:, None]
 
-    def pack_params(self, q: torch.Tensor, P: dict) -> torch.Tensor:
-        return self.pack(q, P["d"], P["m"])
+    def pack(self, q: torch.Tensor, P: dict) -> torch.Tensor:
+        return self.pack_dm(q, P["d"], P["m"])
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         d, m = self.choose(x)
         q = self.encode(x, d[:, None], m[:, None])
-        return self.pack(q, d, m)
+        return self.pack_dm(q, d, m)
 
     def dequantize(self, b: torch.Tensor) -> torch.Tensor:
         q, d, m = self.unpack(b)
@@ -248,31 +249,12 @@ def grid(type_name: str):
     """The grid of a block type (params / code / value / pack), for solvers such as GPTQ."""
     t = type_name.upper()
     if t in LINEAR_GRIDS:
-        return _LegacyAdapter(LINEAR_GRIDS[t])
+        return LINEAR_GRIDS[t]
     if t in ggml_k.K_GRIDS:
         return ggml_k.K_GRIDS[t]
     from ..errors import SchemeError
 
     raise SchemeError(f"no grid for GGML type {type_name!r}")
-
-
-class _LegacyAdapter:
-    """LinearGrid with the same `pack(q, P)` signature as the K grids."""
-
-    def __init__(self, g: LinearGrid):
-        self.g, self.name, self.group, self.nbytes = g, g.name, g.group, g.nbytes
-
-    def params(self, x):
-        return self.g.params(x)
-
-    def code(self, x, P, j0=0):
-        return self.g.code(x, P, j0)
-
-    def value(self, q, P, j0=0):
-        return self.g.value(q, P, j0)
-
-    def pack(self, q, P):
-        return self.g.pack_params(q, P)
 
 
 class GGMLCodec:

@@ -187,7 +187,7 @@ def repack(qw: QuantizedWeight, type_name: str) -> torch.Tensor | None:
     out, inn = qw.shape
     d = scale.reshape(-1)
     m = torch.zeros_like(d) if zero is None else (-scale * zero).reshape(-1)
-    return g.pack(q.reshape(-1, 32), d, m).reshape(out, inn // 32 * g.nbytes)
+    return g.pack_dm(q.reshape(-1, 32), d, m).reshape(out, inn // 32 * g.nbytes)
 
 
 def _to_bytes(src, type_name: str, name: str, summary: ExportSummary) -> torch.Tensor:
