@@ -2,7 +2,8 @@
 
 One row per variant: fp32, int8 weight-only (for reference), w8a8-dynamic (per-token scales at
 run time, also with SmoothQuant alpha 0.5), and w8a8-static with each observer (minmax, ema,
-entropy, mse, percentile), each also with SmoothQuant (alpha chosen per layer group, "auto").
+entropy, mse, percentile), each also with SmoothQuant (alpha chosen per layer group, "auto"),
+and the affine (-asym) variants of minmax and ema with SmoothQuant.
 Quality: perplexity, KL divergence and top-1 agreement against fp32 on the first --tokens tokens of the evaluation text (windows of 512).
 Calibration: --calib-samples x 512 tokens drawn from the text's last-quarter articles, the
 same samples for every variant. Speed: prefill tokens/s of one forward at batch 1 x 512 and
@@ -33,11 +34,11 @@ from _common import write_section
 WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
-def variants(observers):
+def variants(observers, smoothed):
     out = [("fp32", None, None), ("int8 (weights only)", "int8", None), ("w8a8-dynamic", "w8a8-dynamic", None),
            ("w8a8-dynamic + SmoothQuant 0.5", "w8a8-dynamic", 0.5)]
-    for smooth in (None, "auto"):
-        for o in observers:
+    for smooth, names in ((None, observers), ("auto", smoothed)):
+        for o in names:
             label = f"w8a8-static-{o}" + (" + SmoothQuant auto" if smooth else "")
             out.append((label, f"w8a8-static-{o}", smooth))
     return out
@@ -49,7 +50,9 @@ def main():
     ap.add_argument("--text", default=str(WIKI))
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--observers", default=",".join(ACT_OBSERVERS))
+    ap.add_argument("--observers", default=",".join(ACT_OBSERVERS), help="static rows without SmoothQuant")
+    ap.add_argument("--smoothed", default=",".join(ACT_OBSERVERS) + ",minmax-asym,ema-asym",
+                    help="static rows with SmoothQuant auto (an -asym suffix: affine activations)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved prefill timing rounds")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
@@ -62,7 +65,7 @@ def main():
     batch1 = torch.randint(0, len(tok), (1, 512), generator=g)
     batch8 = torch.randint(0, len(tok), (8, 512), generator=g)
     rows, models = {}, {}
-    for label, scheme, smooth in variants(a.observers.split(",")):
+    for label, scheme, smooth in variants(a.observers.split(","), a.smoothed.split(",")):
         t0 = time.perf_counter()
         m = model if scheme is None else qk.quantize(model, scheme, calib=calib, smooth=smooth, progress=False)
         secs = time.perf_counter() - t0
