@@ -72,3 +72,18 @@ def test_activation_parts_sizes():
     assert act_parts(parse_scheme("w8a8-dynamic")) == {}
     assert act_parts(parse_scheme("w8a8-static-mse")) == {"in_scale": (torch.float32, (1,))}
     assert set(act_parts(parse_scheme("w8a8-static-entropy-asym"))) == {"in_scale", "in_zero"}
+
+
+@pytest.mark.parametrize("k", [1, 576, 1040, 1041, 4096])
+def test_int8_mm_backends_are_exact(k):
+    """Both int8 GEMM backends equal the int64 product, also for extreme codes and a reduction
+    longer than one float32-exact chunk (where a single float32 matmul would round)."""
+    from quantkit.kernels.cpu import _int8_mm_float
+
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-127, 128, (19, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (k, 5), dtype=torch.int8, generator=g)
+    a[0], b[:, 0] = 127, 127  # the largest possible sum, 127*127*k
+    exact = a.long() @ b.long()
+    assert torch.equal(_int8_mm_float(a, b).long(), exact)
+    assert torch.equal(torch._int_mm(a, b).long(), exact)

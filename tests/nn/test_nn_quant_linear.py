@@ -82,11 +82,11 @@ def test_quantized_weight_round_trip(scheme, kernel):
     assert list(ql.state_dict()) == []
 
 
-def test_forced_kernel_and_outlier_stats():
+def test_forced_kernel_and_run_stats():
     lin = _linear(seed=3)
     qw = quantize(lin.weight.detach(), "int4-g32")
     ql = QuantLinear(qw, lin.bias, kernel="dequant")
-    assert ql.kernel is DequantKernel and ql.outlier_stats is None
+    assert ql.kernel is DequantKernel and ql.run_stats is None
     x = _x(2, 128)
     torch.testing.assert_close(ql(x), F.linear(x, qw.dequantize(), lin.bias), rtol=1e-6, atol=1e-6)
 
@@ -95,7 +95,7 @@ def test_forced_kernel_and_outlier_stats():
     x[0, 1, 3] = 30.0
     ql8(x)
     ql8(x[:, :, :])
-    assert ql8.outlier_stats == {"outlier_cols": 2, "cols": 256}  # accumulates over calls
+    assert ql8.run_stats == {"outlier_cols": 2, "cols": 256}  # accumulates over calls
 
 
 # ----------------------------------------------------------------------------- embeddings

@@ -122,3 +122,31 @@ def test_bad_alpha_and_scheme():
         make_config("w8a8-static-mse", smooth=1.5)
     with pytest.raises(SchemeError, match="observer"):
         make_config("w8a8-static-kl")
+
+
+def test_inputs_far_outside_the_static_range_are_clipped_counted_and_never_nan(caplog):
+    """Calibrate on ordinary inputs, then make every Linear input 1e4x larger: every value beyond the
+    frozen range saturates (counted per layer and reported by evaluate_model), no NaN/inf."""
+    from quantkit.evaluate.run import evaluate_model
+    from quantkit.nn import QuantLinear
+
+    model = _llama(outlier=False)
+    q = qk.quantize(model, "w8a8-static-minmax", calib=_ids(), progress=False)
+    layers = [m for m in q.modules() if isinstance(m, QuantLinear) and m.run_stats is not None]
+    assert layers
+    for m in layers:  # the calibration pass already ran the quantized blocks: start counting afresh
+        m.run_stats.update(clipped=0, values=0)
+    with torch.no_grad():
+        for layer in q.model.layers:  # the norms feed q/k/v and gate/up: far outside their ranges
+            layer.input_layernorm.weight.mul_(1e4)
+            layer.post_attention_layernorm.weight.mul_(1e4)
+        logits = q(_ids(2, 16, seed=5)).logits
+    assert torch.isfinite(logits).all()
+    clipped = sum(m.run_stats["clipped"] for m in layers)
+    assert clipped > 0 and all(m.run_stats["clipped"] <= m.run_stats["values"] for m in layers)
+    windows = _ids(2, 16, seed=6)
+    with caplog.at_level("WARNING"):
+        res = evaluate_model(q, None, windows=windows, progress=False)
+    assert res["act_clipped_values"] > 0 and 0 < res["act_clipped_fraction"] <= 1
+    assert "clipped at the range's bound" in caplog.text
+    assert all(m.run_stats["values"] > 0 for m in layers)  # counters were reset, then counted again

@@ -209,7 +209,7 @@ def test_rules_first_match_wins(llama):
 def test_llm_int8_method_builds_llm_int8_layers(llama, ids):
     q = qk.quantize(llama, "llm-int8", progress=False)
     assert q.quantkit.config.method == "llm-int8" and set(q.quantkit.methods.values()) == {"llm-int8"}
-    assert all(m.outlier_stats is not None for n, m in q.named_modules()
+    assert all(m.run_stats is not None for n, m in q.named_modules()
                if isinstance(m, QuantLinear) and n in q.quantkit.layers)
     with torch.no_grad():
         assert _rel(q(ids).logits, llama(ids).logits) < 5e-2

@@ -83,7 +83,7 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
             errors[scheme.name] = dict(m2.quantkit.errors)
         if layer and layer in m2.quantkit.layers:
             hist[scheme.name] = m2.get_submodule(layer).dequantized_weight().float()
-        outl = [m.outlier_stats for m in m2.modules() if getattr(m, "outlier_stats", None)]
+        outl = [m.run_stats for m in m2.modules() if "outlier_cols" in (getattr(m, "run_stats", None) or {})]
         row = {"scheme": scheme.name, "method": cfg.method, "head": m2.quantkit.head.get("scheme"),
                "bpw": 8 * size / params, "quantize_seconds": qtime, **res}
         if outl:

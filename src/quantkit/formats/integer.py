@@ -164,6 +164,15 @@ def quantize_activation(x2: torch.Tensor, scale: "torch.Tensor | None" = None,
     return torch.round(x2 / s).clamp(-127, 127).to(torch.int8), s
 
 
+def clipped_count(q: torch.Tensor, zero: "torch.Tensor | None" = None) -> torch.Tensor:
+    """How many codes of `quantize_activation` with a frozen scale sit on the clipping bound
+    (an upper bound on the values that were clipped: a value that rounds exactly onto the
+    bound counts too)."""
+    if zero is None:
+        return (q.abs() == 127).sum()
+    return ((q == -128) | (q == 127)).sum()
+
+
 def fake_quantize_activation(x2: torch.Tensor, scale=None, zero=None) -> torch.Tensor:
     """What the w8a8 kernel multiplies, in float: dequantize(quantize_activation(x2))."""
     q, s = quantize_activation(x2, scale, zero)

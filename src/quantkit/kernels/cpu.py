@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import QuantizedWeight
-from ..formats.integer import from_int_codes, int_codes, quantize_activation
+from ..formats.integer import clipped_count, from_int_codes, int_codes, quantize_activation
 from ..scheme import Scheme
 
 ACT_DTYPE = torch.bfloat16  # activation dtype of the packed kernels
@@ -22,6 +22,63 @@ ACT_DTYPE = torch.bfloat16  # activation dtype of the packed kernels
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+# Largest reduction length whose int8 x int8 partial sums stay exact in float32:
+# 127 * 127 * 1040 < 2^24, so any summation order over <= 1040 products is exact.
+_F32_EXACT_K = 1040
+_INT8_MM_BACKEND: str | None = None
+
+
+def _int8_mm_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a int8 [M, K] @ b int8 [K, N] -> int32, exactly, through float32 matmuls on chunks of K
+    short enough that every partial sum is an exactly representable integer."""
+    k = a.shape[1]
+    out = None
+    for i in range(0, k, _F32_EXACT_K):
+        part = (a[:, i:i + _F32_EXACT_K].float() @ b[i:i + _F32_EXACT_K].float()).to(torch.int32)
+        out = part if out is None else out + part
+    return out
+
+
+def _pick_int8_mm() -> str:
+    """"int_mm" (torch._int_mm) where this CPU has a fast int8 GEMM (VNNI/AMX), else "float".
+
+    torch._int_mm is 2-3x faster than an fp32 matmul on CPUs with AVX512-VNNI, but 20-50x
+    slower on AVX2-only CPUs, where it has no vectorised path; and the quantized engines'
+    u8 x s8 kernels (fbgemm, oneDNN) saturate 16-bit intermediates there unless activations
+    are cut to 7 bits. Both backends give the same int32 results, so the choice only affects
+    speed: it is made once per process by timing both on a small problem, or forced with
+    QUANTKIT_INT8_MM=int_mm|float.
+    """
+    import os
+    import time
+
+    forced = os.environ.get("QUANTKIT_INT8_MM")
+    if forced in ("int_mm", "float"):
+        return forced
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (512, 256), dtype=torch.int8, generator=g)
+    best = {}
+    for name, fn in (("int_mm", torch._int_mm), ("float", _int8_mm_float)):
+        try:
+            fn(a, b)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fn(a, b)
+            best[name] = time.perf_counter() - t0
+        except RuntimeError:  # no _int_mm for this build/CPU
+            continue
+    return min(best, key=best.get)
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 [M, K] x int8 [K, N] -> int32 on the faster backend of this CPU."""
+    global _INT8_MM_BACKEND
+    if _INT8_MM_BACKEND is None:
+        _INT8_MM_BACKEND = _pick_int8_mm()
+    return torch._int_mm(a, b) if _INT8_MM_BACKEND == "int_mm" else _int8_mm_float(a, b)
 
 
 class Kernel:
@@ -44,6 +101,11 @@ class Kernel:
     @staticmethod
     def matmul(x: torch.Tensor, buffers: dict[str, torch.Tensor], scheme: Scheme, shape) -> torch.Tensor:
         raise NotImplementedError
+
+    @staticmethod
+    def new_stats(scheme: Scheme) -> dict[str, int] | None:
+        """Counters this kernel keeps while it runs (passed to matmul as `stats`), or None."""
+        return None
 
 
 class DequantKernel(Kernel):
@@ -258,6 +320,10 @@ class LLMInt8Kernel(Kernel):
         return from_int_codes(scheme, buffers["q"].to(torch.int32), buffers["scale16"], None)
 
     @staticmethod
+    def new_stats(scheme):
+        return {"outlier_cols": 0, "cols": 0}
+
+    @staticmethod
     def matmul(x, buffers, scheme, shape, threshold=None, stats=None):
         threshold = LLMInt8Kernel.threshold if threshold is None else threshold
         x2 = _flat(x).float()
@@ -270,7 +336,7 @@ class LLMInt8Kernel(Kernel):
         xi = x2.masked_fill(outl, 0.0) if n_out else x2
         sx = xi.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127.0  # [M, 1] per-row scale
         xq = torch.round(xi / sx).to(torch.int8)
-        y = torch._int_mm(xq, q.t()).float() * sx * sw
+        y = int8_mm(xq, q.t()).float() * sx * sw
         if n_out:
             w_out = q[:, outl].float() * sw[:, None]  # [N, n_out] outlier weight columns
             y = y + x2[:, outl] @ w_out.t()
@@ -278,7 +344,7 @@ class LLMInt8Kernel(Kernel):
 
 
 class W8A8Kernel(Kernel):
-    """int8 weights (per output row) x int8 activations -> int32 (torch._int_mm), then scaled.
+    """int8 weights (per output row) x int8 activations -> int32 (`int8_mm`), then scaled.
 
     Activations are quantized here, per token at run time (`w8a8-dynamic`: s_x = absmax/127 of
     each row), or with the frozen per-tensor scale of a static scheme (`w8a8-static-*`, the
@@ -319,10 +385,19 @@ class W8A8Kernel(Kernel):
         return qw
 
     @staticmethod
-    def matmul(x, buffers, scheme, shape):
+    def new_stats(scheme):
+        # a frozen range can meet inputs far outside it: such values are clipped (never NaN);
+        # counted so that reports can say how often
+        return {"clipped": 0, "values": 0} if scheme.act == "static" else None
+
+    @staticmethod
+    def matmul(x, buffers, scheme, shape, stats=None):
         x2 = _flat(x).float()
         xq, sx = quantize_activation(x2, buffers.get("in_scale"), buffers.get("in_zero"))
-        y = torch._int_mm(xq, buffers["q"].t()).float() * (sx * buffers["scale"])
+        if stats is not None:
+            stats["clipped"] += int(clipped_count(xq, buffers.get("in_zero")))
+            stats["values"] += xq.numel()
+        y = int8_mm(xq, buffers["q"].t()).float() * (sx * buffers["scale"])
         if "zterm" in buffers:
             y = y + buffers["zterm"]
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)

@@ -10,7 +10,6 @@ from torch import nn
 
 from ..formats import QuantizedWeight
 from ..kernels import pick_kernel
-from ..kernels.cpu import LLMInt8Kernel
 
 
 class QuantLinear(nn.Module):
@@ -28,7 +27,7 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._bufs = self.buffers_dict()  # looked up once, not per call (decode runs ~200 of these per token)
         self._shape = (self.out_features, self.in_features)
-        self.outlier_stats = {"outlier_cols": 0, "cols": 0} if self.kernel is LLMInt8Kernel else None
+        self.run_stats = self.kernel.new_stats(self.scheme)  # kernel counters (LLM.int8() outliers, w8a8 clipping)
 
     def buffers_dict(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self._names}
@@ -45,8 +44,8 @@ class QuantLinear(nn.Module):
         return self.quantized_weight().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.outlier_stats is not None:
-            y = self.kernel.matmul(x, self._bufs, self.scheme, self._shape, stats=self.outlier_stats)
+        if self.run_stats is not None:
+            y = self.kernel.matmul(x, self._bufs, self.scheme, self._shape, stats=self.run_stats)
         else:
             y = self.kernel.matmul(x, self._bufs, self.scheme, self._shape)
         return y if self.bias is None else y + self.bias.to(y.dtype)
