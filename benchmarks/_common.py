@@ -24,8 +24,15 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
 
 
-def write_section(key: str, title: str, body: str) -> None:
-    """Replace (or append) the section `key` of docs/benchmarks.md with `body`."""
+def write_section(key: str, title: str, body: str, per_cpu: bool = False) -> None:
+    """Replace (or append) the section `key` of docs/benchmarks.md with `body`.
+
+    per_cpu: speed tables; one section per CPU instruction set (key suffixed with e.g. -avx2),
+    since the fast kernels differ between AVX2 and AVX-512 CPUs and both results stay.
+    """
+    if per_cpu:
+        cap = torch.backends.cpu.get_cpu_capability()
+        key, title = f"{key}-{cap.lower()}", f"{title}, {cap} CPU"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery table here was written by the script named under it.\n"
     cmd = "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:])

@@ -105,7 +105,7 @@ def main():
     if not a.no_write:
         write_section("activation-quant", f"w8a8 activation quantization ({a.model}, first {a.tokens} tokens of the "
                                           f"evaluation text, calibration {a.calib_samples} x 512 tokens from its last "
-                                          f"quarter)", body)
+                                          f"quarter)", body, per_cpu=True)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def main():
     print(table)
     if not a.no_write:
         write_section("decode-speed", f"Decode speed at batch 1 ({a.model}, {a.tokens} tokens, best of {a.rounds} interleaved rounds)",
-                      table)
+                      table, per_cpu=True)
 
 
 if __name__ == "__main__":
