@@ -190,8 +190,10 @@ def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qua
                 swap_quantized(model, prefix + rel, block.get_submodule(rel), scheme, method, stats, info)
                 done.add(prefix + rel)
             del cols
-        with torch.no_grad():
-            inputs = [(_run(block, h, kw), kw) for h, kw in inputs]
+        with torch.no_grad():  # in place, batch by batch: one set of activations alive, not two
+            for i, (h, kw) in enumerate(inputs):
+                inputs[i] = (_run(block, h, kw), kw)
+                del h
     for name, (sc, _) in plans.items():  # layers kept in high precision are "done" too
         if name.startswith(fam.blocks + ".") and sc is None:
             done.add(name)

@@ -77,15 +77,23 @@ def cmd_inspect(a):
 
 
 def _rss_bytes(peak: bool) -> int:
-    """Peak (ru_maxrss) or current resident memory of this process, in bytes (Linux)."""
+    """Peak (VmHWM) or current (VmRSS) resident memory of this process, in bytes (Linux).
+
+    Not ru_maxrss: Linux carries it over fork and exec, so a process started by a big parent
+    (a benchmark holding a model) would report the parent's peak as its own.
+    """
+    key = "VmHWM:" if peak else "VmRSS:"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     if peak:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
-    except OSError:
-        return 0
+    return 0
 
 
 def cmd_quantize(a):
