@@ -81,25 +81,26 @@ def _fake_input(x: torch.Tensor, scheme, qparams=None) -> torch.Tensor:
 
 
 def group_error(x: torch.Tensor, weights: list[torch.Tensor], schemes: list, s: torch.Tensor,
-                qparams: dict | None = None) -> float:
+                qparams: dict | None = None, ys: list[torch.Tensor] | None = None) -> float:
     """Σ_i Σ_rows ||x̂ Ŵ_iᵀ - x W_iᵀ||² / ||x W_iᵀ||² (each token's relative output error, so the
     few tokens with massive activations and outputs do not outweigh all the others) when the
     group (input sample x [N, in], Linears W_i [out_i, in] stored as schemes[i]) is smoothed
     by s and then quantized (weights by round-to-nearest).
     qparams: {act_key(scheme): (scale, zero)} of static schemes, observed on all the
-    calibration inputs divided by s (the sample alone can misjudge rare massive values)."""
+    calibration inputs divided by s (the sample alone can misjudge rare massive values).
+    ys: the float outputs x W_iᵀ, when the caller has them (they do not depend on s)."""
     from ..formats import quantize
 
     err = 0.0
     xs = x / s
     fake: dict = {}
-    for w, scheme in zip(weights, schemes):
+    for i, (w, scheme) in enumerate(zip(weights, schemes)):
         key = act_key(scheme)
         if key not in fake:
             fake[key] = _fake_input(xs, scheme, (qparams or {}).get(key))
         ws = w.float() * s[None, :]
         wq = ws if scheme.is_float else quantize(ws, scheme).dequantize()
-        y = x @ w.float().T  # [N, out]
+        y = x @ w.float().T if ys is None else ys[i]  # [N, out]
         err += float((((fake[key] @ wq.T - y) ** 2).sum(1) / (y * y).sum(1).clamp(min=1e-12)).sum())
     return err
 
@@ -111,8 +112,9 @@ def choose_alpha(x: torch.Tensor, weights: list[torch.Tensor], schemes: list, ca
     activations want more migration), so one alpha for a whole model is a compromise this
     search avoids."""
     best = None
+    ys = [x @ w.float().T for w in weights]  # the float outputs, the same for every candidate
     for a, (s, qp) in candidates.items():
-        e = group_error(x, weights, schemes, s, qp)
+        e = group_error(x, weights, schemes, s, qp, ys)
         if best is None or e < best[0]:
             best = (e, a, s)
     return best[1], best[2]
