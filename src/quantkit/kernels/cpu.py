@@ -44,11 +44,13 @@ def _int8_mm_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _pick_int8_mm() -> str:
     """"int_mm" (torch._int_mm) where this CPU has a fast int8 GEMM (VNNI/AMX), else "float".
 
-    torch._int_mm is 2-3x faster than an fp32 matmul on CPUs with AVX512-VNNI, but 20-50x
-    slower on AVX2-only CPUs, where it has no vectorised path; and fbgemm's u8 x s8 kernels
-    saturate 16-bit intermediates there unless activations are cut to 7 bits. Both backends give the same int32 results, so the choice only affects
-    speed: it is made once per process by timing both on a small problem, or forced with
-    QUANTKIT_INT8_MM=int_mm|float.
+    torch._int_mm is fast on CPUs with AVX512-VNNI, but 20-50x slower than fp32 on AVX2-only
+    CPUs, where it has no vectorised path; fbgemm's u8 x s8 kernels saturate 16-bit
+    intermediates there unless activations are cut to 7 bits (benchmarks/int8_gemm.py shows
+    both). Both backends give the same int32 results, so the choice only affects speed: it is
+    made once per process by timing both on a small problem, or forced with
+    QUANTKIT_INT8_MM=int_mm|float. The float backend converts the int8 weight to float32 on
+    every call (a float copy kept per layer would cost 4x the weight's memory).
     """
     import os
     import time

@@ -1,0 +1,83 @@
+"""The int8 GEMM backends on this CPU, side by side: why `kernels.cpu.int8_mm` picks per host.
+
+For prefill-sized problems (M x K @ K x N of SmolLM2's MLP and attention shapes) it times an
+fp32 matmul, a bf16 matmul, torch._int_mm, and quantkit's exact float32-chunk int8 GEMM, and
+reports each as a ratio to fp32. It also checks exactness on the worst case (every code 127)
+for both int8 backends and for fbgemm's u8 x s8 static linear (torch's quantized engine),
+which saturates 16-bit intermediates on CPUs without VNNI.
+
+    python benchmarks/int8_gemm.py [--m 4096] [--repeats 3] [--no-write]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+from quantkit.kernels.cpu import _int8_mm_float, _pick_int8_mm
+
+from _common import write_section
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    out = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t0)
+    return out
+
+
+def fbgemm_worst_case(k: int = 576, n: int = 64) -> tuple[float, float]:
+    """(fbgemm's static u8 x s8 result, the exact value) on a row where every product is 127*127."""
+    warnings.filterwarnings("ignore")
+    torch.backends.quantized.engine = "fbgemm"
+    w = torch.ones(n, k)
+    wq = torch.quantize_per_channel(w, torch.full((n,), 1 / 127.0, dtype=torch.double),
+                                    torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(wq, None)
+    x = torch.full((1, k), 127.0)  # uint8 code 255 with zero point 128
+    got = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 1.0, 128, packed)
+    return float(got[0, 0]), float((x @ w.t())[0, 0])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--m", type=int, default=4096, help="rows (tokens), e.g. 8 x 512")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    lines = ["| shape M x K x N | fp32 ms | bf16 ×fp32 | torch._int_mm ×fp32 | float32-chunk int8 ×fp32 |",
+             "|---|---:|---:|---:|---:|"]
+    for k, n in ((576, 1536), (1536, 576), (576, 576)):
+        x, w = torch.randn(a.m, k, generator=g), torch.randn(k, n, generator=g)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        xq = torch.randint(-127, 128, (a.m, k), dtype=torch.int8, generator=g)
+        wq = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+        t32 = best_time(lambda: x @ w, a.repeats)
+        t16 = best_time(lambda: xb @ wb, a.repeats)
+        ti = best_time(lambda: torch._int_mm(xq, wq), a.repeats)
+        tf = best_time(lambda: _int8_mm_float(xq, wq), a.repeats)
+        # ×fp32 is a speed ratio: above 1 is faster than fp32
+        lines.append(f"| {a.m} x {k} x {n} | {1e3 * t32:.1f} | {t32 / t16:.2f} | {t32 / ti:.2f} | {t32 / tf:.2f} |")
+    ones = torch.full((32, 4096), 127, dtype=torch.int8)
+    exact = 127 * 127 * 4096
+    got_f, want = fbgemm_worst_case()
+    notes = [f"Worst case (every product 127·127, K = 4096, exact {exact}): torch._int_mm "
+             f"{int(torch._int_mm(ones, ones.t().contiguous())[0, 0])}, float32-chunk "
+             f"{int(_int8_mm_float(ones, ones.t().contiguous())[0, 0])}.",
+             f"fbgemm static u8 x s8 linear, K = 576, every code at the top of the range: {got_f:.1f} "
+             f"(exact {want:.1f}).",
+             f"`int8_mm` picks here: **{_pick_int8_mm()}**."]
+    body = "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in notes)
+    print(body)
+    if not a.no_write:
+        write_section("int8-gemm", "int8 GEMM backends", body, per_cpu=True)
+
+
+if __name__ == "__main__":
+    main()
