@@ -58,6 +58,10 @@ def _pick_int8_mm() -> str:
     forced = os.environ.get("QUANTKIT_INT8_MM")
     if forced in ("int_mm", "float"):
         return forced
+    if forced:
+        import logging
+
+        logging.getLogger(__name__).warning("QUANTKIT_INT8_MM=%s is not int_mm or float; timing both instead", forced)
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=g)
     b = torch.randint(-127, 128, (512, 256), dtype=torch.int8, generator=g)
