@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -332,6 +333,65 @@ def plot_layer_error(errors: dict[str, float], path: str | Path, title: str | No
     ax.set_xlabel("relative weight error ‖W − Ŵ‖ / ‖W‖")
     ax.grid(True, axis="x", alpha=0.3)
     ax.set_title(title or "per-layer quantization error")
+    return _save(fig, path)
+
+
+def sensitivity_heatmap(sens, folder: str | Path) -> Path:
+    """`folder`/sensitivity.png: one panel per scheme, log10 of each layer's damage (mean KL when
+    quantized alone) with layer kinds as rows and block indices as columns. `sens` is a
+    plan.Sensitivity (layers named <blocks>.<index>.<path>)."""
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cells = {}
+    for name in sens.layers:
+        m = re.search(r"\.(\d+)\.(.+)$", name)
+        if m:
+            cells[(m.group(2), int(m.group(1)))] = name
+    kinds = list(dict.fromkeys(k for k, _ in cells))
+    n_blocks = 1 + max(b for _, b in cells) if cells else 0
+    if not kinds:
+        raise ValueError("no block layers to plot")
+    fig = Figure(figsize=(max(6.0, 0.25 * n_blocks + 2.5), 1.0 + 0.32 * len(kinds) * len(sens.schemes) + 0.6 * len(sens.schemes)))
+    axes = fig.subplots(len(sens.schemes), 1, squeeze=False)[:, 0]
+    vals = [v for n in sens.layers for v in sens.kld[n].values() if math.isfinite(v) and v > 0]
+    lo, hi = (math.log10(min(vals)), math.log10(max(vals))) if vals else (-6, 0)
+    for ax, sc in zip(axes, sens.schemes):
+        grid = np.full((len(kinds), n_blocks), np.nan)
+        for (kind, b), name in cells.items():
+            v = sens.kld[name][sc]
+            grid[kinds.index(kind), b] = math.log10(max(v, 10**lo)) if math.isfinite(v) else np.nan
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_yticks(range(len(kinds)), kinds, fontsize="x-small")
+        ax.set_xticks(range(0, n_blocks, max(1, n_blocks // 15)))
+        ax.set_title(f"{sc}: log10 KL when quantized alone", fontsize="small")
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    axes[-1].set_xlabel("block")
+    return _save(fig, folder / "sensitivity.png")
+
+
+def plot_fronts(series: dict[str, list[tuple[float, float, str]]], path: str | Path, ylabel: str = "perplexity",
+                title: str | None = None) -> Path:
+    """Size (MB) against a quality metric for several series (e.g. uniform schemes vs planned
+    mixes): each series is a list of (size_bytes, value, label) points, drawn as a line."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for i, (name, pts) in enumerate(series.items()):
+        pts = sorted(p for p in pts if math.isfinite(p[1]))
+        if not pts:
+            continue
+        xs = [p[0] / 1e6 for p in pts]
+        ys = [p[1] for p in pts]
+        ax.plot(xs, ys, marker="o", color=f"C{i}", label=name)
+        for x, y, (_, _, label) in zip(xs, ys, pts):
+            if label:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    ax.set_xlabel("size MB (model.safetensors)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title or f"size vs {ylabel}")
     return _save(fig, path)
 
 

@@ -1,0 +1,450 @@
+"""Mixed precision: how much each layer's quantization hurts, and the best scheme per layer
+under a size budget.
+
+Sensitivity: for every quantizable Linear and every candidate scheme, the layer alone is
+quantized (round to nearest) and the model's output is compared with the float model's on
+calibration samples: the damage is the mean KL(P_float || P_quantized) over the scored
+positions. The float model's inputs to each block are recorded once; a layer in block b is
+measured by replaying block b-1's recorded output and running blocks b.. only.
+
+Allocation: choosing one scheme per layer to minimise the summed damage under a byte budget
+is a multiple-choice knapsack, solved exactly by dynamic programming over the budget in units
+of `unit` bytes (each layer's size rounded *up* to whole units, so the plan never exceeds the
+budget; the exact size is then computed from the plan). Summed per-layer KL is the model of
+the total damage (additive to first order); the measured KL of the planned model is reported
+next to it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import blocks_of, family_of
+from .errors import QuantkitError, SchemeError
+from .formats import quantize, storage_bytes
+from .nn import QuantLinear
+from .pipeline import _set_module, head_modules, linear_weight
+from .scheme import QuantConfig, Rule, Scheme, make_config, parse_scheme
+
+log = logging.getLogger(__name__)
+PLAN_FORMAT = "quantkit-plan/1"
+DEFAULT_SCHEMES = "int8,int4-g128,int3-g128"
+
+
+# ----------------------------------------------------------------------------- sensitivity
+class _Skip(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Replay(nn.Module):
+    """Stands in for block b-1: returns what the float block returned for the current batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = None
+
+    def forward(self, *args, **kwargs):
+        return self.out
+
+
+def _record_block_outputs(model, blocks, ids, batch_size) -> list[list]:
+    """outputs[b][batch] = what float block b returned on that calibration batch."""
+    outs = [[] for _ in blocks]
+    hooks = [blk.register_forward_hook(lambda m, a, o, b=b: outs[b].append(o)) for b, blk in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], batch_size):
+                model(input_ids=ids[i:i + batch_size], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def _kl(ref_lp: torch.Tensor, logits: torch.Tensor) -> float:
+    lp = torch.log_softmax(logits.float(), -1)
+    return float((ref_lp.exp() * (ref_lp - lp)).sum(-1).sum())
+
+
+def fitted_scheme(sc: Scheme, width: int) -> Scheme | None:
+    """`sc` for a layer of this input width (the smaller-group fallback qk.quantize uses), or None."""
+    return sc.fallback_for(width)
+
+
+@dataclass
+class Sensitivity:
+    """Per-layer damage (mean KL, nats/token) and exact stored bytes, for each candidate scheme."""
+
+    schemes: list[str]
+    layers: list[str]
+    shapes: dict[str, tuple[int, int]]
+    kld: dict[str, dict[str, float]]  # layer -> scheme -> mean KL when only that layer is quantized
+    tokens: int = 0
+
+    def bytes(self, layer: str, scheme: str) -> int:
+        sc = fitted_scheme(parse_scheme(scheme), self.shapes[layer][1])
+        return storage_bytes(sc, self.shapes[layer])
+
+    def to_dict(self) -> dict:
+        return {"schemes": self.schemes, "tokens": self.tokens,
+                "layers": {n: {"shape": list(self.shapes[n]), "kld": self.kld[n]} for n in self.layers}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sensitivity":
+        layers = list(d["layers"])
+        return cls(list(d["schemes"]), layers, {n: tuple(d["layers"][n]["shape"]) for n in layers},
+                   {n: dict(d["layers"][n]["kld"]) for n in layers}, int(d.get("tokens", 0)))
+
+
+def measure_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_size: int = 4,
+                        progress: bool = True) -> Sensitivity:
+    """Damage of quantizing each Linear alone with each scheme (see the module docstring)."""
+    schemes = [parse_scheme(s) for s in (schemes.split(",") if isinstance(schemes, str) else schemes)]
+    if not schemes:
+        raise SchemeError("give at least one candidate scheme")
+    fam = family_of(model)
+    blocks = blocks_of(model, fam)
+    ids = calib.to(torch.long)
+    model.eval()
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(input_ids=ids[i:i + batch_size], use_cache=False).logits.float(), -1)
+               for i in range(0, ids.shape[0], batch_size)]
+    outs = _record_block_outputs(model, blocks, ids, batch_size)
+    prefix = fam.blocks
+    layers = []
+    for b, blk in enumerate(blocks):
+        layers += [(b, f"{prefix}.{b}.{n}") for n, m in blk.named_modules() if linear_weight(m) is not None]
+    sens = Sensitivity([s.name for s in schemes], [n for _, n in layers], {}, {}, tokens=int(ids.numel()))
+    bar = tqdm(total=len(layers) * len(schemes), desc="sensitivity", unit="layer", disable=not progress)
+    originals = list(blocks)
+    try:
+        for b, name in layers:
+            mod = model.get_submodule(name)
+            w = linear_weight(mod).detach().float()
+            sens.shapes[name] = tuple(w.shape)
+            sens.kld[name] = {}
+            replay = _Replay() if b > 0 else None
+            for i in range(b):  # blocks before b are skipped, block b-1 replays its float output
+                blocks[i] = replay if i == b - 1 else _Skip()
+            try:
+                for sc in schemes:
+                    fitted = fitted_scheme(sc, w.shape[1])
+                    if fitted is None:
+                        sens.kld[name][sc.name] = math.inf
+                        bar.update(1)
+                        continue
+                    _set_module(model, name, QuantLinear(quantize(w, fitted), getattr(mod, "bias", None), kernel="dequant"))
+                    total = 0.0
+                    with torch.no_grad():
+                        for k, i in enumerate(range(0, ids.shape[0], batch_size)):
+                            if replay is not None:
+                                replay.out = outs[b - 1][k]
+                            logits = model(input_ids=ids[i:i + batch_size], use_cache=False).logits
+                            total += _kl(ref[k], logits)
+                    sens.kld[name][sc.name] = total / ids.numel()
+                    bar.update(1)
+            finally:
+                _set_module(model, name, mod)
+                for i in range(b):
+                    blocks[i] = originals[i]
+    finally:
+        for i, blk in enumerate(originals):
+            blocks[i] = blk
+        bar.close()
+    return sens
+
+
+# ----------------------------------------------------------------------------- budgets
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(b|kb|mb|gb|kib|mib|gib|bpw)\s*$", re.I)
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_budget(text: str, n_params: int) -> int:
+    """Bytes from "70MB", "66.5MiB", "1.2GB" or "4.5bpw" (bits per parameter of the whole model)."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise SchemeError(f"cannot read the budget {text!r}: write e.g. 70MB, 66.5MiB or 4.5bpw")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "bpw":
+        return int(value * n_params / 8)
+    return int(value * _UNITS[unit])
+
+
+# ----------------------------------------------------------------------------- plans
+@dataclass
+class Plan:
+    """One scheme per layer; `rules` are what `qk.quantize(..., rules=)` / `--plan` apply."""
+
+    choice: dict[str, str]  # layer -> scheme name
+    method: str = "rtn"
+    head: str = "bf16"
+    budget_bytes: int | None = None
+    size_bytes: int = 0  # exact model.safetensors bytes of the planned model
+    predicted_kld: float = 0.0
+    measured: dict = field(default_factory=dict)
+
+    def rules(self) -> tuple[Rule, ...]:
+        return tuple(Rule(_literal(n), parse_scheme(s), self.method) for n, s in self.choice.items())
+
+    def config(self) -> QuantConfig:
+        base = max(self.choice.values(), key=list(self.choice.values()).count)
+        return make_config(base, self.method, self.head, self.rules())
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.choice.values():
+            out[s] = out.get(s, 0) + 1
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"format": PLAN_FORMAT, "method": self.method, "head": self.head,
+                           "budget_bytes": self.budget_bytes, "size_bytes": self.size_bytes,
+                           "predicted_kld": self.predicted_kld, "measured": self.measured,
+                           "counts": self.counts(), "layers": self.choice}, indent=1)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise QuantkitError(f"cannot read the plan {path}: {e}") from None
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT or not isinstance(d.get("layers"), dict):
+            raise QuantkitError(f"{path} is not a quantkit plan (expected format {PLAN_FORMAT}); make one with quantkit plan")
+        for s in set(d["layers"].values()):
+            parse_scheme(s)
+        return cls(dict(d["layers"]), d.get("method", "rtn"), d.get("head", "bf16"), d.get("budget_bytes"),
+                   int(d.get("size_bytes", 0)), float(d.get("predicted_kld", 0.0)), d.get("measured", {}))
+
+
+def _literal(name: str) -> str:
+    """An fnmatch pattern that matches exactly `name`."""
+    return re.sub(r"([*?\[\]])", r"[\1]", name)
+
+
+def plan_size(model: nn.Module, choice: dict[str, str], head: str, method: str = "rtn") -> int:
+    """Exact bytes of model.safetensors for the model quantized with this per-layer choice."""
+    from .io.checkpoint import expected_weights_bytes
+
+    return expected_weights_bytes(model, Plan(choice, method, head).config())
+
+
+MAX_CELLS = 2_000_000  # DP capacity above which the unit is coarsened (then sizes are rounded up)
+
+
+def dp_unit(sens: Sensitivity, room: int) -> int:
+    """The byte unit of the DP: the gcd of every option's size (the DP is then exact), coarsened
+    only if the budget would need more than MAX_CELLS cells."""
+    g = 0
+    for n in sens.layers:
+        for s in sens.schemes:
+            if math.isfinite(sens.kld[n][s]):
+                g = math.gcd(g, sens.bytes(n, s))
+    g = max(g, 1)
+    if room // g > MAX_CELLS:
+        g *= -(-room // g // MAX_CELLS)
+        log.info("allocation in units of %d bytes (layer sizes rounded up)", g)
+    return g
+
+
+def allocate(sens: Sensitivity, budget: int, fixed: int, unit: int | None = None) -> dict[str, str] | None:
+    """Scheme per layer minimising the summed KL with sum(bytes) <= budget - fixed: dynamic
+    programming over the budget in units of `unit` bytes (default `dp_unit`: exact), sizes
+    rounded up; None when even the smallest choices do not fit."""
+    if budget - fixed < 0:
+        return None
+    unit = unit or dp_unit(sens, budget - fixed)
+    cap = (budget - fixed) // unit
+    if cap < 0:
+        return None
+    INF = float("inf")
+    dp = torch.full((cap + 1,), INF, dtype=torch.float64)
+    dp[0] = 0.0
+    back = []
+    for layer in sens.layers:
+        opts = [(s, -(-sens.bytes(layer, s) // unit), max(0.0, sens.kld[layer][s])) for s in sens.schemes
+                if math.isfinite(sens.kld[layer][s])]
+        new = torch.full_like(dp, INF)
+        arg = torch.full((cap + 1,), -1, dtype=torch.int16)
+        for k, (_, c, d) in enumerate(opts):
+            if c > cap:
+                continue
+            cand = torch.full_like(dp, INF)
+            cand[c:] = dp[:cap + 1 - c] + d
+            better = cand < new
+            new = torch.where(better, cand, new)
+            arg = torch.where(better, torch.tensor(k, dtype=torch.int16), arg)
+        dp = new
+        back.append((opts, arg))
+    if not torch.isfinite(dp).any():
+        return None
+    j = int(torch.argmin(dp))
+    choice = {}
+    for layer, (opts, arg) in zip(reversed(sens.layers), reversed(back)):
+        k = int(arg[j])
+        s, c, _ = opts[k]
+        choice[layer] = s
+        j -= c
+    return dict(reversed(list(choice.items())))
+
+
+def predicted_kld(sens: Sensitivity, choice: dict[str, str]) -> float:
+    return sum(sens.kld[n][s] for n, s in choice.items())
+
+
+def smallest_size(model: nn.Module, sens: Sensitivity, head: str) -> int:
+    choice = {n: min((s for s in sens.schemes if math.isfinite(sens.kld[n][s])), key=lambda s: sens.bytes(n, s))
+              for n in sens.layers}
+    return plan_size(model, choice, head)
+
+
+def plan_for_budget(model: nn.Module, sens: Sensitivity, budget: int, head: str = "bf16", method: str = "rtn",
+                    unit: int | None = None) -> Plan:
+    """The least-damage plan whose exact checkpoint size is at most `budget` bytes."""
+    layer_bytes_any = {n: sens.bytes(n, sens.schemes[0]) for n in sens.layers}
+    first = {n: sens.schemes[0] for n in sens.layers}
+    fixed = plan_size(model, first, head) - sum(layer_bytes_any.values())  # embeddings, head, norms, header
+    smallest = smallest_size(model, sens, head)
+    if budget < smallest:
+        raise SchemeError(f"a budget of {budget:,} bytes is below the smallest size these schemes reach: "
+                          f"{smallest:,} bytes ({smallest / 1e6:.2f} MB); raise the budget or add smaller schemes")
+    target = budget
+    for _ in range(4):  # the header's few bytes vary with the choice: tighten until the exact size fits
+        choice = allocate(sens, target, fixed, unit)
+        if choice is None:
+            break
+        size = plan_size(model, choice, head, method)
+        if size <= budget:
+            return Plan(choice, method, head, budget, size, predicted_kld(sens, choice))
+        target -= size - budget + (unit or 1)
+    raise SchemeError(f"no plan fits {budget:,} bytes (smallest reachable: {smallest:,} bytes)")
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    _, out_name, _ = head_modules(model)
+    return [n for n, m in model.named_modules() if linear_weight(m) is not None and n != out_name]
+
+
+# ----------------------------------------------------------------------------- accuracy targets
+def measure_plan(model: nn.Module, plan: Plan, windows: torch.Tensor, reference, calib=None) -> dict:
+    """Quantize with `plan` and measure KL / perplexity against `reference` (a ReferenceCache)."""
+    from . import quantize as qk_quantize
+    from .evaluate.quality import score
+
+    qm = qk_quantize(model, plan.config(), calib=calib, progress=False)
+    r = score(qm, windows, reference=reference, progress=False)
+    return {"kld": r["kl_divergence"], "perplexity": r["perplexity"],
+            "ppl_increase": r["perplexity"] / reference.perplexity - 1, "tokens": r["tokens"]}
+
+
+def plan_for_target(model: nn.Module, sens: Sensitivity, windows: torch.Tensor, max_kld: float | None = None,
+                    max_ppl_increase: float | None = None, head: str = "bf16", method: str = "rtn", calib=None,
+                    rounds: int = 6, progress: bool = True) -> Plan:
+    """The smallest plan whose *measured* KL (or perplexity increase) on `windows` meets the
+    target: search the budget for the smallest plan whose predicted KL meets a working target,
+    measure it, and tighten the working target by the measured/predicted ratio until it holds."""
+    from .evaluate.quality import ReferenceCache
+
+    if (max_kld is None) == (max_ppl_increase is None):
+        raise SchemeError("give exactly one accuracy target: max_kld or max_ppl_increase")
+    if (max_kld is not None and max_kld <= 0) or (max_ppl_increase is not None and max_ppl_increase <= 0):
+        raise SchemeError("the accuracy target must be positive")
+    reference = ReferenceCache(model, windows, progress=False)
+    lo, hi = smallest_size(model, sens, head), plan_size(model, {n: _largest(sens, n) for n in sens.layers}, head)
+    key, limit = ("kld", max_kld) if max_kld is not None else ("ppl_increase", max_ppl_increase)
+    # working target on the predicted (summed) KL; a perplexity increase p is a mean log-loss
+    # increase of log(1 + p), which the KL bounds to first order
+    work = max_kld if max_kld is not None else math.log1p(max_ppl_increase)
+    tried = []
+    for _ in tqdm(range(rounds), desc="plan rounds", disable=not progress):
+        plan = _smallest_within(model, sens, work, lo, hi, head, method)
+        m = measure_plan(model, plan, windows, reference, calib)
+        plan.measured = m
+        tried.append(plan)
+        if m[key] <= limit:
+            return plan
+        work = min(work, plan.predicted_kld) * min(0.9, max(0.25, limit / max(m[key], 1e-12)))
+    best = tried[-1]
+    raise SchemeError(f"no plan met {key} <= {limit} after {rounds} rounds (last: {key} {best.measured[key]:.4g} at "
+                      f"{best.size_bytes:,} bytes); add a larger scheme (e.g. int8) or relax the target")
+
+
+def _largest(sens: Sensitivity, layer: str) -> str:
+    return max((s for s in sens.schemes if math.isfinite(sens.kld[layer][s])), key=lambda s: sens.bytes(layer, s))
+
+
+def _smallest_within(model, sens, work, lo, hi, head, method) -> Plan:
+    """Binary search on the budget for the smallest plan whose predicted KL is <= work."""
+    best = plan_for_budget(model, sens, hi, head, method)
+    if best.predicted_kld > work:
+        return best
+    a, b = lo, hi
+    while b - a > max(1024, lo // 2000):
+        mid = (a + b) // 2
+        p = plan_for_budget(model, sens, mid, head, method)
+        if p.predicted_kld <= work:
+            best, b = p, mid
+        else:
+            a = mid
+    return best
+
+
+# ----------------------------------------------------------------------------- cheap proxy
+def proxy_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_size: int = 4,
+                      progress: bool = True) -> Sensitivity:
+    """A cheaper damage estimate: for each layer and scheme, the output error the quantized
+    weight makes on the calibration inputs, tr(dW H dWᵀ) / 2 with H = 2/n Σ x xᵀ the layer's
+    input Hessian (one float forward pass collects every H; no forward pass per layer). Same
+    shape as `measure_sensitivity`'s result, in its own units (squared output error per row)."""
+    from .algorithms.hessian import HessianAccumulator
+
+    schemes = [parse_scheme(s) for s in (schemes.split(",") if isinstance(schemes, str) else schemes)]
+    fam = family_of(model)
+    blocks = blocks_of(model, fam)
+    names = [(f"{fam.blocks}.{b}.{n}", m) for b, blk in enumerate(blocks) for n, m in blk.named_modules()
+             if linear_weight(m) is not None]
+    acc = {n: HessianAccumulator() for n, _ in names}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: acc[n].add(args[0].detach())) for n, m in names]
+    ids = calib.to(torch.long)
+    try:
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], batch_size):
+                model(input_ids=ids[i:i + batch_size], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    sens = Sensitivity([sc.name for sc in schemes], [n for n, _ in names], {}, {}, tokens=int(ids.numel()))
+    for name, mod in tqdm(names, desc="proxy", unit="layer", disable=not progress):
+        w = linear_weight(mod).detach().float()
+        H = acc.pop(name).hessian.float()  # [in, in]
+        sens.shapes[name] = tuple(w.shape)
+        sens.kld[name] = {}
+        for sc in schemes:
+            fitted = fitted_scheme(sc, w.shape[1])
+            if fitted is None:
+                sens.kld[name][sc.name] = math.inf
+                continue
+            dw = quantize(w, fitted).dequantize() - w  # [out, in]
+            sens.kld[name][sc.name] = float(((dw @ H) * dw).sum() / 2)
+    return sens
+
+
+def rank_correlation(a: Sensitivity, b: Sensitivity) -> float:
+    """Spearman's rho between two sensitivities over every (layer, scheme) both measured."""
+    pairs = [(a.kld[n][s], b.kld[n][s]) for n in a.layers if n in b.kld for s in a.schemes
+             if s in b.kld[n] and math.isfinite(a.kld[n][s]) and math.isfinite(b.kld[n][s])]
+    if len(pairs) < 3:
+        raise QuantkitError("too few common measurements to correlate")
+    x = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    y = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    rx, ry = x.argsort().argsort().double(), y.argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
