@@ -146,8 +146,35 @@ def inspect(model):
     return inspect_model(model)
 
 
+def prepare_qat(model, scheme="int4-g128", lsq=False, inplace=False):
+    """Quantization-aware training, step 1: a copy of `model` whose Linears see their quantized
+    weights in the forward pass (straight-through gradients; `lsq=True` learns the scales).
+    Train it (e.g. `qk.train.train(model, ids, qk.train.TrainConfig(...))`), then `convert`."""
+    from .train.qat import prepare_qat as _prepare
+
+    return _prepare(model, scheme, lsq=lsq, inplace=inplace)
+
+
+def convert(model, head=None):
+    """Quantization-aware training, step 3: QuantLinear layers holding exactly the weights the
+    trained model's forward pass used; `save` and `evaluate` take the result."""
+    from .train.qat import convert as _convert
+
+    return _convert(model, head=head)
+
+
+def prepare_qlora(model, scheme="nf4-b64-dq", r=8, alpha=32, dropout=0.05, targets=("q_proj", "v_proj"),
+                  compute_dtype="fp32"):
+    """QLoRA: a 4-bit (NF4, double-quantized) copy of `model` with trainable LoRA adapters on
+    `targets`; save them with `qk.train.save_adapter` (PEFT layout), fold them in with
+    `qk.train.merge`."""
+    from .train.qlora import prepare_qlora as _prepare
+
+    return _prepare(model, scheme, r, alpha, dropout, targets, compute_dtype)
+
+
 __all__ = [
-    "load", "quantize", "save", "export_gguf", "quantize_for_gguf", "text", "evaluate", "inspect", "parse_scheme", "make_config",
+    "load", "quantize", "save", "export_gguf", "prepare_qat", "convert", "prepare_qlora", "quantize_for_gguf", "text", "evaluate", "inspect", "parse_scheme", "make_config",
     "Scheme", "QuantConfig", "Rule", "QuantizedWeight", "quantize_tensor", "dequantize", "storage_bytes",
     "GRAMMAR", "QuantkitError", "SchemeError", "SourceError", "DataError",
 ]

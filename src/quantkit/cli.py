@@ -77,36 +77,43 @@ def cmd_inspect(a):
 
 
 def _rss_bytes(peak: bool) -> int:
-    """Peak (VmHWM) or current (VmRSS) resident memory of this process, in bytes (Linux).
+    from .memory import rss_bytes
 
-    Not ru_maxrss: Linux carries it over fork and exec, so a process started by a big parent
-    (a benchmark holding a model) would report the parent's peak as its own.
-    """
-    key = "VmHWM:" if peak else "VmRSS:"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if peak:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return 0
+    return rss_bytes(peak)
 
 
 def cmd_quantize(a):
     import time
 
+    a.method_given = a.method is not None
+    a.method = a.method or "rtn"
+
     from . import load, save
     from .pipeline import needs_calibration, quantize_model, validate_config
     from .scheme import GPTQOptions, make_config
 
-    cfg = make_config(a.scheme, a.method, a.head, strict_groups=a.strict_groups,
-                      gptq=GPTQOptions(a.damp, a.gptq_block_size, a.act_order, a.static_groups), sequential=a.sequential,
-                      smooth=a.smooth)
+    gptq = GPTQOptions(a.damp, a.gptq_block_size, a.act_order, a.static_groups)
+    if a.plan:
+        from .plan import Plan
+
+        plan = Plan.load(a.plan)
+        plan.method = a.method if a.method_given else plan.method
+        base = plan.config()
+        cfg = make_config(base.scheme, plan.method, a.head or plan.head, plan.rules(), a.strict_groups, gptq,
+                          a.sequential, a.smooth)
+    elif a.scheme:
+        cfg = make_config(a.scheme, a.method, a.head, strict_groups=a.strict_groups, gptq=gptq,
+                          sequential=a.sequential, smooth=a.smooth)
+    else:
+        raise QuantkitError("give --scheme SCHEME or --plan plan.json")
     validate_config(cfg)
+    if a.dry_run:
+        from .io.checkpoint import expected_weights_bytes
+
+        model, _ = load(a.model)
+        size = expected_weights_bytes(model, cfg)
+        print(json.dumps({"size_bytes": size}) if a.json else f"model.safetensors would be {size:,} bytes ({_mb(size)})")
+        return
     out = Path(a.out)
     calib_text = _text(a.calib, "calib") if a.calib and needs_calibration(cfg) else None
     baseline_rss = _rss_bytes(peak=False)
@@ -216,6 +223,163 @@ def cmd_demo(a):
     cmd_compare(a, schemes=a.schemes)
 
 
+def _train_config(a):
+    from .train import TrainConfig
+
+    return TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, weight_decay=a.weight_decay,
+                       warmup=a.warmup, schedule=a.schedule, optimizer=a.optimizer, seed=a.seed,
+                       log_every=a.log_every, save_every=a.save_every, grad_checkpointing=a.grad_checkpointing)
+
+
+def _print_training(res, a, lines):
+    if a.json:
+        print(json.dumps(res, indent=2, default=str))
+        return
+    losses = res["losses"]
+    print(f"trained {res['steps']} steps in {res['seconds']:.1f} s: loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+          f"{res['trainable_params']:,} trainable parameters; optimizer state {_mb(res['optimizer_state_bytes'])}; "
+          f"peak memory {_mb(res['peak_rss_bytes'])}")
+    for line in lines:
+        print(line)
+
+
+def cmd_qat(a):
+    from . import load
+    from .train.run import run_qat
+
+    model, tok = load(a.model)
+    res = run_qat(model, tok, a.scheme, a.text, a.out, _train_config(a), lsq=a.lsq, head=a.head, resume=a.resume,
+                  eval_tokens=a.eval_tokens, ctx=a.ctx)
+    d = res["convert_max_logit_diff"]
+    _print_training(res, a, [
+        f"converted model: {res['out']} (logits vs the fake-quantized model: max |diff| {d['reference_kernel']:.2e} "
+        f"with the float reference kernel, {d['fast_kernels']:.2e} with the fast kernels)",
+        f"held-out perplexity ({res['eval_tokens']} tokens): {res['held_out_perplexity']:.3f}"
+        if res["held_out_perplexity"] is not None else "held-out perplexity: skipped (--eval-tokens 0)"])
+
+
+def cmd_finetune(a):
+    from . import load
+    from .train.run import run_finetune
+
+    model, tok = load(a.model)
+    res = run_finetune(model, tok, a.text, a.out, _train_config(a), scheme=a.scheme, r=a.r, alpha=a.alpha,
+                       dropout=a.dropout, targets=[t for t in a.targets.split(",") if t], compute_dtype=a.compute_dtype,
+                       merge_adapters=a.merge, resume=a.resume, eval_tokens=a.eval_tokens, ctx=a.ctx,
+                       base_name=a.model)
+    lines = [f"adapter (PEFT layout): {res['adapter']}"]
+    if res["held_out_perplexity_before"] is not None:
+        lines.append(f"held-out perplexity of the {res['base_scheme']} model ({res['eval_tokens']} tokens): "
+                     f"{res['held_out_perplexity_before']:.3f} -> {res['held_out_perplexity_after']:.3f}")
+    if "merged" in res:
+        lines.append(f"merged and re-quantized: {res['merged']}"
+                     + (f" (held-out perplexity {res['held_out_perplexity_merged']:.3f})"
+                        if res.get("held_out_perplexity_merged") is not None else ""))
+    _print_training(res, a, lines)
+
+
+def _plan_calibration(a, model, tok):
+    from .data import calib_samples, calibration
+
+    if a.calib:
+        return calib_samples(tok, _text(a.calib, "calib"), a.calib_samples, a.calib_len, a.seed)
+    return calibration(tok, None, model, a.calib_samples, a.calib_len, a.seed)
+
+
+def _sensitivity(a, model, tok, ids):
+    from .plan import Sensitivity, measure_sensitivity
+
+    if getattr(a, "sensitivity", None):
+        try:
+            return Sensitivity.from_dict(json.loads(Path(a.sensitivity).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise QuantkitError(f"cannot read the sensitivity file {a.sensitivity}: {e}") from None
+    if getattr(a, "proxy", False) and a.command == "plan":
+        from .plan import proxy_sensitivity
+
+        return proxy_sensitivity(model, ids, a.schemes, batch_size=a.batch_size)
+    return measure_sensitivity(model, ids, a.schemes, batch_size=a.batch_size)
+
+
+def cmd_sensitivity(a):
+    from . import load
+    from .io.atomic import atomic_file
+
+    model, tok = load(a.model)
+    ids = _plan_calibration(a, model, tok)
+    sens = _sensitivity(a, model, tok, ids)
+    result = sens.to_dict()
+    if a.proxy:
+        from .plan import proxy_sensitivity, rank_correlation
+
+        proxy = proxy_sensitivity(model, ids, a.schemes, batch_size=a.batch_size)
+        result["proxy"] = proxy.to_dict()["layers"]
+        result["rank_correlation"] = rank_correlation(sens, proxy)
+    if a.out:
+        with atomic_file(a.out, "w") as f:
+            f.write(json.dumps(result, indent=1))
+    if a.report:
+        from .report import sensitivity_heatmap
+
+        sensitivity_heatmap(sens, a.report)
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"damage of quantizing one layer alone: mean KL (nats/token) on {sens.tokens} calibration tokens")
+    t.add_column("layer")
+    for sc in sens.schemes:
+        t.add_column(sc, justify="right")
+    order = sorted(sens.layers, key=lambda n: -sens.kld[n][sens.schemes[-1]])
+    for n in order[: a.top] if a.top else order:
+        t.add_row(n, *[f"{sens.kld[n][sc]:.2e}" for sc in sens.schemes])
+    Console().print(t)
+    if a.proxy:
+        print(f"Hessian-weighted proxy vs measured damage: Spearman rank correlation {result['rank_correlation']:.3f}")
+    if a.out:
+        print(f"wrote {a.out}")
+
+
+def cmd_plan(a):
+    from . import load
+    from .io.atomic import atomic_file
+    from .plan import parse_budget, plan_for_budget, plan_for_target, smallest_size
+
+    if (a.budget is None) == (a.max_kld is None and a.max_ppl_increase is None) or (a.max_kld and a.max_ppl_increase):
+        raise QuantkitError("give one of --budget SIZE, --max-kld X or --max-ppl-increase P%")
+    model, tok = load(a.model)
+    ids = _plan_calibration(a, model, tok)
+    sens = _sensitivity(a, model, tok, ids)
+    head = a.head or "bf16"
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if a.budget is not None:
+        budget = parse_budget(a.budget, n_params)
+        if a.dry_run:
+            print(f"smallest reachable size with {','.join(sens.schemes)}: {smallest_size(model, sens, head):,} bytes; "
+                  f"budget {budget:,} bytes")
+            return
+        plan = plan_for_budget(model, sens, budget, head, a.method)
+    else:
+        ppl = None
+        if a.max_ppl_increase is not None:
+            ppl = float(a.max_ppl_increase.rstrip("%")) / (100 if a.max_ppl_increase.endswith("%") else 1)
+        plan = plan_for_target(model, sens, ids, max_kld=a.max_kld, max_ppl_increase=ppl, head=head, method=a.method,
+                               calib=ids if a.method != "rtn" else None)
+    with atomic_file(a.out, "w") as f:
+        f.write(plan.to_json())
+    res = {"out": a.out, "size_bytes": plan.size_bytes, "bits_per_param": 8 * plan.size_bytes / n_params,
+           "predicted_kld": plan.predicted_kld, "measured": plan.measured, "counts": plan.counts()}
+    if a.json:
+        print(json.dumps(res, indent=2))
+        return
+    print(f"wrote {a.out}: {plan.size_bytes:,} bytes ({res['bits_per_param']:.2f} bits/param), "
+          f"predicted KL {plan.predicted_kld:.4f}, layers {plan.counts()}"
+          + (f"; measured KL {plan.measured['kld']:.4f}, perplexity +{plan.measured['ppl_increase'] * 100:.2f}%"
+             if plan.measured else ""))
+
+
 # ----------------------------------------------------------------------------- parser
 def _smooth_arg(g):
     g.add_argument("--smooth", nargs="?", const="0.5", default=None, metavar="ALPHA",
@@ -243,6 +407,30 @@ def _calibration_args(p, gptq=True):
     return g
 
 
+def _training_args(p, lr, steps):
+    p.add_argument("--text", required=True, help="text file (or hf:NAME): trains on its calibration part (the WikiText "
+                                                  "file's last-quarter articles), reports perplexity on its evaluation part")
+    p.add_argument("--out", required=True, help="output folder (the checkpoint for --resume lives in OUT/checkpoint)")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    g.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
+                   help="adamw8bit keeps both moments in 8 bits (block-wise, blocks of 2048)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log-every", type=int, default=10, help="log the mean loss every N steps (with -v)")
+    g.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (always at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same batches, same loss curve)")
+    g.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity (0 = skip)")
+    g.add_argument("--ctx", type=int, default=512, help="evaluation window length")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantkit", description="Quantize models and measure size, quality and speed.",
                                 epilog=f"scheme grammar: {GRAMMAR}")
@@ -261,8 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it in quantkit's safetensors layout")
     q.add_argument("model", help=MODEL_HELP)
-    q.add_argument("--scheme", required=True, help=f"one of: {GRAMMAR}")
-    q.add_argument("--method", default="rtn", help="rtn (default), llm-int8 or gptq")
+    q.add_argument("--scheme", help=f"one of: {GRAMMAR} (or --plan)")
+    q.add_argument("--plan", help="per-layer schemes from quantkit plan (plan.json); --method overrides the plan's")
+    q.add_argument("--dry-run", action="store_true", help="print the exact size of the output and write nothing")
+    q.add_argument("--method", default=None, help="rtn (default), llm-int8 or gptq")
     q.add_argument("--head", default=None, choices=HEAD_CHOICES,
                    help="storage of embeddings and output head (default bf16; tied weights stay tied)")
     q.add_argument("--strict-groups", action="store_true",
@@ -321,6 +511,66 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder for report.md, results.json and PNG plots")
         c.add_argument("--json", action="store_true")
         c.set_defaults(fn=cmd_demo if name == "demo" else cmd_compare)
+    t = sub.add_parser("qat", help="quantization-aware training: fake-quantize, train on text, convert, save",
+                       description="Train MODEL with its Linears fake-quantized to SCHEME (straight-through gradients), "
+                                   "then convert to real quantized layers; writes OUT/model (a quantkit checkpoint).")
+    t.add_argument("model", help=MODEL_HELP)
+    t.add_argument("--scheme", default="int4-g128", help="weight scheme to train for (default int4-g128)")
+    t.add_argument("--lsq", action="store_true", help="learn the quantization scales too (LSQ; integer schemes)")
+    t.add_argument("--head", default=None, choices=HEAD_CHOICES, help="storage of embeddings and output head (default bf16)")
+    _training_args(t, lr=2e-5, steps=60)
+    t.set_defaults(fn=cmd_qat)
+
+    f = sub.add_parser("finetune", help="QLoRA: LoRA adapters over a frozen 4-bit (NF4) base, saved in PEFT's layout",
+                       description="Quantize MODEL to SCHEME (NF4 blocks of 64 with double quantization by default), train "
+                                   "LoRA adapters on text, write OUT/adapter (peft loads it) and, with --merge, OUT/merged.")
+    f.add_argument("model", help=MODEL_HELP)
+    f.add_argument("--scheme", default="nf4-b64-dq", help="frozen base's scheme (default nf4-b64-dq)")
+    f.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    f.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default 32)")
+    f.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    f.add_argument("--targets", default="q_proj,v_proj", help="comma-separated Linear names (default q_proj,v_proj)")
+    f.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the forward pass")
+    f.add_argument("--merge", action="store_true", help="also fold the adapters into the weights and re-quantize")
+    _training_args(f, lr=2e-4, steps=60)
+    f.set_defaults(fn=cmd_finetune)
+    def _plan_common(p):
+        p.add_argument("model", help=MODEL_HELP)
+        from .plan import DEFAULT_SCHEMES as PS
+
+        p.add_argument("--schemes", default=PS, help=f"candidate schemes per layer (default {PS})")
+        g = p.add_argument_group("calibration text (sensitivity is measured on it)")
+        g.add_argument("--calib", help="text file (its last-quarter articles) or hf:NAME; without it, model-generated text")
+        g.add_argument("--calib-samples", type=int, default=8, help="number of samples (default 8)")
+        g.add_argument("--calib-len", type=int, default=256, help="tokens per sample (default 256)")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--batch-size", type=int, default=4, help="samples per forward pass")
+        p.add_argument("--json", action="store_true")
+
+    sn = sub.add_parser("sensitivity", help="damage (KL vs the float model) of quantizing each layer alone, per scheme")
+    _plan_common(sn)
+    sn.add_argument("--out", help="write the measurements as JSON (reusable by plan --sensitivity)")
+    sn.add_argument("--report", help="folder for sensitivity.png (heat map)")
+    sn.add_argument("--top", type=int, default=20, help="rows shown (0 = all)")
+    sn.add_argument("--proxy", action="store_true",
+                    help="also compute the cheap Hessian-weighted proxy and its rank correlation with the measured damage")
+    sn.set_defaults(fn=cmd_sensitivity)
+
+    pl = sub.add_parser("plan", help="one scheme per layer: least damage under a size budget, or smallest size for a target",
+                        description="Choose a scheme per layer from --schemes: the least predicted damage within --budget "
+                                    "(exact knapsack), or the smallest plan whose measured KL / perplexity increase meets "
+                                    "--max-kld / --max-ppl-increase. Apply it with quantkit quantize MODEL --plan FILE.")
+    _plan_common(pl)
+    pl.add_argument("--budget", help="size of model.safetensors: e.g. 70MB, 66MiB, or 4.5bpw (bits per parameter)")
+    pl.add_argument("--max-kld", type=float, help="mean KL (nats/token) the planned model may reach, measured")
+    pl.add_argument("--max-ppl-increase", help="perplexity increase allowed, measured, e.g. 1%% or 0.01")
+    pl.add_argument("--sensitivity", help="reuse measurements written by quantkit sensitivity --out")
+    pl.add_argument("--proxy", action="store_true", help="plan on the cheap Hessian-weighted proxy instead of measured KL")
+    pl.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="method the plan is applied with")
+    pl.add_argument("--head", default=None, choices=HEAD_CHOICES, help="storage of embeddings and output head (default bf16)")
+    pl.add_argument("--dry-run", action="store_true", help="print the smallest reachable size and the budget, plan nothing")
+    pl.add_argument("--out", default="plan.json", help="plan file (default plan.json)")
+    pl.set_defaults(fn=cmd_plan)
     return p
 
 

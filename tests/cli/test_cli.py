@@ -330,3 +330,62 @@ def test_compare_activation_schemes_calibrate_once(capsys, tmp_path, tiny, text_
                              "--calib-len", "32", "--no-speed", "--json"])
     assert [r["scheme"] for r in res["rows"]] == ["fp32", "w8a8-dynamic", "w8a8-static-mse"]
     assert all(r["kl_divergence"] < 0.05 for r in res["rows"])
+
+
+# ----------------------------------------------------------------------------- training
+TRAIN = ["--steps", "3", "--batch-size", "2", "--seq-len", "16", "--ctx", "16", "--eval-tokens", "48"]
+
+
+def test_qat_trains_converts_and_resumes(capsys, tmp_path, tiny, text_file):
+    out = tmp_path / "qat"
+    res = _json_out(capsys, ["qat", tiny, "--scheme", "int4-g32", "--lsq", "--text", text_file, "--out", out, *TRAIN,
+                             "--save-every", "2", "--json"])
+    assert len(res["losses"]) == 3 and res["held_out_perplexity"] > 1
+    assert res["convert_max_logit_diff"]["reference_kernel"] < 1e-4
+    model, _ = __import__("quantkit").load(out / "model")
+    assert set(model.quantkit.methods.values()) == {"qat"}
+    assert json.loads((out / "results.json").read_text())["losses"] == res["losses"]
+    again = _json_out(capsys, ["qat", tiny, "--scheme", "int4-g32", "--lsq", "--text", text_file, "--out", out,
+                               *TRAIN[:-2], "--steps", "5", "--eval-tokens", "48", "--resume", "--json"])
+    assert again["resumed_at"] == 3 and again["losses"][:3] == res["losses"] and len(again["losses"]) == 5
+
+
+def test_finetune_writes_a_peft_adapter_and_a_merged_model(capsys, tmp_path, tiny, text_file):
+    out = tmp_path / "ft"
+    res = _json_out(capsys, ["finetune", tiny, "--text", text_file, "--out", out, *TRAIN, "--optimizer", "adamw8bit",
+                             "--merge", "--json"])
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+    assert res["trainable_params"] == 2 * 8 * ((96 + 96) + (96 + 48)) and res["optimizer"] == "adamw8bit"
+    assert res["held_out_perplexity_before"] > 1 and res["held_out_perplexity_after"] > 1
+    merged, _ = __import__("quantkit").load(out / "merged")
+    assert "qlora-merge" in merged.quantkit.methods.values()
+
+
+def test_training_errors_are_one_line(capsys, tmp_path, tiny, text_file):
+    run_error(capsys, ["qat", tiny, "--scheme", "fp32", "--text", text_file, "--out", tmp_path / "a", *TRAIN], "nothing to train")
+    run_error(capsys, ["qat", tiny, "--text", text_file, "--out", tmp_path / "b", *TRAIN, "--resume"], "nothing to resume")
+    run_error(capsys, ["finetune", tiny, "--text", text_file, "--out", tmp_path / "c", *TRAIN, "--targets", "qq_proj"],
+              "no Linear named qq_proj")
+    run_error(capsys, ["finetune", tiny, "--text", text_file, "--out", tmp_path / "d", "--seq-len", "100000"], "too short")
+    run_error(capsys, ["finetune", tiny, "--text", text_file, "--out", tmp_path / "e", "--lr", "0"], "learning rate")
+
+
+# ----------------------------------------------------------------------------- mixed precision
+def test_sensitivity_plan_and_quantize_with_the_plan(capsys, tmp_path, tiny, text_file):
+    calib = ["--calib", text_file, "--calib-samples", "2", "--calib-len", "16", "--schemes", "int8,int4-g32"]
+    sens = tmp_path / "sens.json"
+    res = _json_out(capsys, ["sensitivity", tiny, *calib, "--out", sens, "--report", tmp_path / "rep", "--proxy", "--json"])
+    assert len(res["layers"]) == 14 and (tmp_path / "rep" / "sensitivity.png").exists()
+    assert -1 <= res["rank_correlation"] <= 1 and len(res["proxy"]) == 14
+    dry = _json_out(capsys, ["quantize", tiny, "--scheme", "int4-g32", "--out", tmp_path / "u", "--dry-run", "--json"])
+    assert not (tmp_path / "u").exists()
+    plan = tmp_path / "plan.json"
+    p = _json_out(capsys, ["plan", tiny, *calib, "--sensitivity", sens, "--budget", f"{dry['size_bytes']}B",
+                           "--out", plan, "--json"])
+    assert p["size_bytes"] <= dry["size_bytes"]
+    q = _json_out(capsys, ["quantize", tiny, "--plan", plan, "--out", tmp_path / "planned", "--json"])
+    assert (tmp_path / "planned" / "model.safetensors").stat().st_size == p["size_bytes"] == q["size_bytes"]
+    run_error(capsys, ["plan", tiny, *calib, "--sensitivity", sens, "--budget", "1kB", "--out", tmp_path / "x.json"],
+              "below the smallest size")
+    assert not (tmp_path / "x.json").exists()
+    run_error(capsys, ["quantize", tiny, "--out", tmp_path / "y"], "--scheme")

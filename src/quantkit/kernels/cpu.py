@@ -90,6 +90,7 @@ class Kernel:
     """A matmul for one packed layout. `pack` returns the buffers a QuantLinear holds."""
 
     name = "base"
+    differentiable = False  # True when matmul is built from torch ops autograd can go through (w.r.t. x)
 
     @staticmethod
     def supports(qw: QuantizedWeight) -> bool:
@@ -117,6 +118,7 @@ class DequantKernel(Kernel):
     """Fallback for every scheme: dequantize the stored weight, then a float matmul."""
 
     name = "dequant"
+    differentiable = True
 
     @staticmethod
     def supports(qw):
@@ -140,6 +142,7 @@ class FloatKernel(Kernel):
     """bf16/fp16/fp32 weights: a plain matmul in the weight's dtype."""
 
     name = "float"
+    differentiable = True
 
     @staticmethod
     def supports(qw):

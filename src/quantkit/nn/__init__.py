@@ -1,4 +1,7 @@
-"""Modules that hold quantized weights and run them through a kernel."""
+"""Modules that hold quantized weights and run them through a kernel, and the trainable ones
+built on them: fake-quantized Linears for QAT and LoRA adapters over a frozen base."""
+from .fake_quant import FakeQuantLinear
+from .lora import LoRALinear
 from .quant_linear import QuantEmbedding, QuantLinear
 
-__all__ = ["QuantLinear", "QuantEmbedding"]
+__all__ = ["QuantLinear", "QuantEmbedding", "FakeQuantLinear", "LoRALinear"]
