@@ -10,6 +10,18 @@ from pathlib import Path
 import torch
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def run_cli(args: list[str]) -> dict:
+    """Run `quantkit ARGS --json` as its own process (its peak memory is its own); its JSON."""
+    import json
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "quantkit.cli", *args, "--json"], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"quantkit {' '.join(args)} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout)
 
 
 def machine() -> str:

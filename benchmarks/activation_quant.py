@@ -19,7 +19,6 @@ import argparse
 import gc
 import logging
 import time
-from pathlib import Path
 
 import torch
 
@@ -29,9 +28,7 @@ from quantkit.evaluate.quality import ReferenceCache, score
 from quantkit.evaluate.speed import prefill_speed
 from quantkit.scheme import ACT_OBSERVERS
 
-from _common import write_section
-
-WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+from _common import WIKI, write_section
 
 
 def variants(observers, smoothed):

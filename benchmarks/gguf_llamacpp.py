@@ -35,9 +35,8 @@ from quantkit.evaluate.quality import score
 from quantkit.io.ggml_mix import FTYPES
 from quantkit.io.gguf import export_gguf
 
-from _common import write_section
+from _common import WIKI, write_section
 
-WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 PROMPT = "The history of the city of Paris"
 DEFAULT_TYPES = "Q8_0,Q6_K,Q5_K_M,Q5_1,Q5_0,Q4_K_M,Q4_K_S,Q4_1,Q4_0,Q3_K_M,Q2_K"
 

@@ -10,26 +10,13 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 import quantkit as qk
 from quantkit.data import eval_windows
 from quantkit.evaluate.quality import ReferenceCache, score
 
-from _common import write_section
-
-WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-
-
-def run_cli(args: list[str]) -> dict:
-    r = subprocess.run([sys.executable, "-m", "quantkit.cli", *args, "--json"], capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"quantkit {' '.join(args)} failed:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout)
+from _common import WIKI, run_cli, write_section
 
 
 def main():

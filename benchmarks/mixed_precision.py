@@ -21,9 +21,7 @@ from quantkit.plan import (measure_sensitivity, plan_for_budget, plan_for_target
                            rank_correlation)
 from quantkit.report import plot_fronts, sensitivity_heatmap
 
-from _common import write_section
-
-WIKI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+from _common import WIKI, write_section
 
 
 def main():

@@ -56,10 +56,8 @@ class _Replay(nn.Module):
         return self.out
 
 
-def _record_block_outputs(model, blocks, ids, batch_size) -> list[list]:
-    """outputs[b][batch] = what float block b returned on that calibration batch."""
-    outs = [[] for _ in blocks]
-    hooks = [blk.register_forward_hook(lambda m, a, o, b=b: outs[b].append(o)) for b, blk in enumerate(blocks)]
+def _forward_with_hooks(model, ids, batch_size, hooks) -> None:
+    """Run the float model over `ids` in batches; remove the given hook handles afterwards."""
     try:
         with torch.no_grad():
             for i in range(0, ids.shape[0], batch_size):
@@ -67,6 +65,13 @@ def _record_block_outputs(model, blocks, ids, batch_size) -> list[list]:
     finally:
         for h in hooks:
             h.remove()
+
+
+def _record_block_outputs(model, blocks, ids, batch_size) -> list[list]:
+    """outputs[b][batch] = what float block b returned on that calibration batch."""
+    outs = [[] for _ in blocks]
+    _forward_with_hooks(model, ids, batch_size,
+                        [blk.register_forward_hook(lambda m, a, o, b=b: outs[b].append(o)) for b, blk in enumerate(blocks)])
     return outs
 
 
@@ -412,15 +417,9 @@ def proxy_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_size
     names = [(f"{fam.blocks}.{b}.{n}", m) for b, blk in enumerate(blocks) for n, m in blk.named_modules()
              if linear_weight(m) is not None]
     acc = {n: HessianAccumulator() for n, _ in names}
-    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: acc[n].add(args[0].detach())) for n, m in names]
     ids = calib.to(torch.long)
-    try:
-        with torch.no_grad():
-            for i in range(0, ids.shape[0], batch_size):
-                model(input_ids=ids[i:i + batch_size], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(model, ids, batch_size,
+                        [m.register_forward_hook(lambda mod, args, out, n=n: acc[n].add(args[0].detach())) for n, m in names])
     sens = Sensitivity([sc.name for sc in schemes], [n for n, _ in names], {}, {}, tokens=int(ids.numel()))
     for name, mod in tqdm(names, desc="proxy", unit="layer", disable=not progress):
         w = linear_weight(mod).detach().float()
