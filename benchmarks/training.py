@@ -7,6 +7,7 @@ articles), perplexities are measured on the first --tokens tokens of its evaluat
 all on the same windows. Prints the tables and writes them to docs/benchmarks.md.
 
     python benchmarks/training.py [--text ../shared/data/wikitext-2-raw/wiki.test.raw] [--qat-steps 60] [--lora-steps 60]
+    python benchmarks/training.py --merge-from OUT/adapter     # only the merge measurement, for a saved adapter
 """
 from __future__ import annotations
 
@@ -41,34 +42,39 @@ def peft_check(model, adapter_dir: str, windows) -> float:
         return float((ours(x).logits - theirs(x).logits).abs().max())
 
 
-def fp32_baseline(a, model, tok, windows):
-    """The same training run as `quantkit qat` (its defaults), on the float model."""
+def fp32_finetune(a, model, tok, windows) -> dict:
+    """The same training run as `quantkit qat` (its defaults), on the float model itself (in
+    place): how much of QAT's gain is adaptation to the text rather than recovered error."""
     from quantkit.data import tokenize
     from quantkit.train import TrainConfig, train
 
     ids = tokenize(tok, qk.text(a.text, "calib"))
-    before = score(model, windows, progress=False)["perplexity"]
     torch.manual_seed(0)
-    s = train(model, ids, TrainConfig(steps=a.qat_steps, lr=2e-5), progress=True)
-    after = score(model, windows, progress=False)["perplexity"]
-    rtn = score(qk.quantize(model, a.qat_scheme, progress=False), windows, progress=False)["perplexity"]
-    body = "\n".join([
-        f"The fp32 model trained exactly as `quantkit qat` trains ({a.qat_steps} steps x 4 x 256 tokens of the calibration "
-        f"part, lr 2e-5 cosine, AdamW), without quantization; perplexity on the first {windows.numel()} tokens of the "
-        f"evaluation part. Compare with the QAT row above: the distance between the two is what quantization still costs "
-        f"after QAT.",
-        "",
-        "| model | perplexity |",
-        "|---|---:|",
-        f"| fp32, not trained | {before:.3f} |",
-        f"| fp32, fine-tuned | {after:.3f} |",
-        f"| fp32 fine-tuned, then {a.qat_scheme} RTN | {rtn:.3f} |",
-        "",
-        f"Training: {s['seconds'] / 60:.1f} min.",
-    ])
-    print(body)
-    if not a.no_write:
-        write_section("training-fp32-baseline", "Training baseline: the same run without quantization", body)
+    s = train(model, ids, TrainConfig(steps=a.qat_steps, lr=2e-5), progress=False)
+    return {"ppl": score(model, windows, progress=False)["perplexity"],
+            "rtn": score(qk.quantize(model, a.qat_scheme, progress=False), windows, progress=False)["perplexity"],
+            "minutes": s["seconds"] / 60}
+
+
+def merge_check(model, adapter_dir: str, windows, schemes=("nf4-b64-dq", "int8")) -> dict:
+    """Held-out perplexity of the QLoRA model with its adapter, and after merging the adapter
+    into the weights re-quantized with each scheme."""
+    import copy
+
+    from quantkit.train import load_adapter, merge, prepare_qlora
+
+    ours = load_adapter(prepare_qlora(model), adapter_dir).eval()
+    out = {"adapter": score(ours, windows, progress=False)["perplexity"]}
+    for sc in schemes:
+        out[sc] = score(merge(copy.deepcopy(ours), sc), windows, progress=False)["perplexity"]
+    return out
+
+
+def merge_table(m: dict) -> str:
+    return ("Merging the adapter into the weights (`--merge`, `--merge-scheme`), held-out perplexity: "
+            + ", ".join([f"with the adapter {m['adapter']:.3f}"] + [f"merged into {k} {v:.3f}" for k, v in m.items()
+                                                                    if k != "adapter"])
+            + ".")
 
 
 def main():
@@ -79,15 +85,17 @@ def main():
     ap.add_argument("--qat-scheme", default="int4-g128")
     ap.add_argument("--qat-steps", type=int, default=60)
     ap.add_argument("--lora-steps", type=int, default=60)
-    ap.add_argument("--fp32-baseline", action="store_true",
-                    help="instead: fine-tune the fp32 model with QAT's settings, no quantization (how much of QAT's "
-                         "gain is domain adaptation)")
+    ap.add_argument("--merge-from", help="instead: measure merging this saved adapter (finetune's OUT/adapter)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     model, tok = qk.load(a.model)
     windows = eval_windows(tok, qk.text(a.text), ctx=512, max_tokens=a.tokens)
-    if a.fp32_baseline:
-        return fp32_baseline(a, model, tok, windows)
+    if a.merge_from:
+        body = merge_table(merge_check(model, a.merge_from, windows))
+        print(body)
+        if not a.no_write:
+            write_section("training-merge", "QLoRA: merging the adapter", body)
+        return
     ppl = {"fp32": score(model, windows, progress=False)["perplexity"]}
     ppl["rtn"] = score(qk.quantize(model, a.qat_scheme, progress=False), windows, progress=False)["perplexity"]
     common = ["--text", a.text, "--eval-tokens", str(a.tokens)]
@@ -97,6 +105,8 @@ def main():
                               "--out", f"{d}/lora-{opt}", *common] + (["--merge"] if opt == "adamw" else []))
                 for opt in ("adamw", "adamw8bit")}
         peft_diff = peft_check(model, lora["adamw8bit"]["adapter"], windows)
+        merged = merge_table(merge_check(model, lora["adamw"]["adapter"], windows))
+    ft = fp32_finetune(a, model, tok, windows)  # last: trains `model` in place
 
     gap = ppl["rtn"] - ppl["fp32"]
     qat_rows = [
@@ -105,6 +115,8 @@ def main():
         f"| {a.qat_scheme} | QAT, {a.qat_steps} steps x 4 x 256 tokens | {qat['held_out_perplexity']:.3f} | "
         f"{(ppl['rtn'] - qat['held_out_perplexity']) / gap * 100:.0f}% | {qat['seconds'] / 60:.1f} | "
         f"{qat['peak_rss_bytes'] / 1e9:.2f} |",
+        f"| fp32 | the same training, no quantization | {ft['ppl']:.3f} | - | {ft['minutes']:.1f} | - |",
+        f"| {a.qat_scheme} | that fine-tuned fp32 model, then RTN | {ft['rtn']:.3f} | - | - | - |",
     ]
     d = qat["convert_max_logit_diff"]
     base = lora["adamw"]
@@ -119,7 +131,8 @@ def main():
     body = "\n".join([
         f"Held-out perplexity on the first {windows.numel()} tokens of the evaluation part (ctx 512); training on "
         f"the calibration part (last-quarter articles). Training on WikiText also adapts the model to the domain, so "
-        f"part of any gain is domain adaptation, not only recovered quantization error.",
+        f"part of any gain is domain adaptation, not only recovered quantization error: the fp32 rows below train the "
+        f"float model the same way.",
         "",
         "QAT (`quantkit qat`, lr 2e-5 cosine, AdamW, all weights trained, head bf16 after convert):",
         "",
@@ -139,10 +152,10 @@ def main():
         *lora_rows,
         "",
         f"8-bit AdamW vs fp32 AdamW, mean loss of the last 10 steps: {loss_gap:+.2f}%. "
-        f"Adapters merged into the weights and re-quantized to nf4 (`--merge`): held-out perplexity "
-        f"{base.get('held_out_perplexity_merged', float('nan')):.3f}. "
         f"peft `PeftModel.from_pretrained` on the dequantized base vs our model with the same adapter, "
         f"max |logit diff|: {peft_diff:.2e}.",
+        "",
+        merged,
     ])
     print(body)
     if not a.no_write:

@@ -265,7 +265,8 @@ def cmd_finetune(a):
     model, tok = load(a.model)
     res = run_finetune(model, tok, a.text, a.out, _train_config(a), scheme=a.scheme, r=a.r, alpha=a.alpha,
                        dropout=a.dropout, targets=[t for t in a.targets.split(",") if t], compute_dtype=a.compute_dtype,
-                       merge_adapters=a.merge, resume=a.resume, eval_tokens=a.eval_tokens, ctx=a.ctx,
+                       merge_adapters=a.merge, merge_scheme=a.merge_scheme, resume=a.resume,
+                       eval_tokens=a.eval_tokens, ctx=a.ctx,
                        base_name=a.model)
     lines = [f"adapter (PEFT layout): {res['adapter']}"]
     if res["held_out_perplexity_before"] is not None:
@@ -532,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--targets", default="q_proj,v_proj", help="comma-separated Linear names (default q_proj,v_proj)")
     f.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the forward pass")
     f.add_argument("--merge", action="store_true", help="also fold the adapters into the weights and re-quantize")
+    f.add_argument("--merge-scheme", help="scheme of the merged weights (default: the base's; e.g. int8 keeps more of the update)")
     _training_args(f, lr=2e-4, steps=60)
     f.set_defaults(fn=cmd_finetune)
     def _plan_common(p):

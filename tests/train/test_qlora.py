@@ -115,3 +115,15 @@ def test_bf16_compute_dtype_trains(tiny_llama, train_ids):
 def test_bad_options_are_refused(tiny_llama, kw, msg):
     with pytest.raises(SchemeError, match=msg):
         qk.prepare_qlora(tiny_llama, **kw)
+
+
+def test_merge_into_a_finer_scheme_keeps_more_of_the_update(tiny_llama, train_ids):
+    m = _trained(tiny_llama, train_ids).eval()
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        want = m(x).logits
+        err_nf4 = (merge(__import__("copy").deepcopy(m))(x).logits - want).abs().mean()
+        fine = merge(m, "int8")
+        err_int8 = (fine(x).logits - want).abs().mean()
+    assert {fine.quantkit.layers[n] for n, l in fine.named_modules() if n.endswith(("q_proj", "v_proj"))} == {"int8"}
+    assert err_int8 < 0.5 * err_nf4

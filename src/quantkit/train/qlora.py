@@ -157,10 +157,14 @@ def dequantized_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> n
 
 
 @torch.no_grad()
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and quantize it again with the base's scheme
-    (round to nearest), in place; returns a plain quantized model (`qk.save` takes it)."""
+def merge(model: nn.Module, scheme: "str | None" = None) -> nn.Module:
+    """Fold every adapter into its base weight and quantize it again (round to nearest) with
+    the base's scheme, or `scheme` (e.g. "int8": a finer grid keeps more of a small update),
+    in place; returns a plain quantized model (`qk.save` takes it)."""
     from .. import algorithms
+    from ..scheme import parse_scheme
+
+    target = None if scheme is None else parse_scheme(scheme)
 
     layers = lora_layers(model)
     if not layers:
@@ -169,9 +173,11 @@ def merge(model: nn.Module) -> nn.Module:
     for name, m in layers.items():
         base = m.base
         w = base.dequantized_weight(torch.float32) + m.delta_weight()
-        qw = algorithms.get("rtn").fn(w, base.scheme, {})
+        sc = base.scheme if target is None else target.fallback_for(w.shape[1]) or target
+        qw = algorithms.get("rtn").fn(w, sc, {})
         _set_module(model, name, QuantLinear(qw, base.bias))
         info.methods[name] = "qlora-merge"
+        info.layers[name] = sc.name
         info.errors[name] = float((w - qw.dequantize()).norm() / w.norm().clamp(min=1e-12))
     del model.lora_config
     model.eval()

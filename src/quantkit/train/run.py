@@ -72,7 +72,7 @@ def run_qat(model, tokenizer, scheme: str, text_path, out_dir, cfg: TrainConfig,
 
 def run_finetune(model, tokenizer, text_path, out_dir, cfg: TrainConfig, scheme: str = "nf4-b64-dq", r: int = 8,
                  alpha: float = 32, dropout: float = 0.05, targets=("q_proj", "v_proj"), compute_dtype: str = "fp32",
-                 merge_adapters: bool = False, resume: bool = False, eval_tokens: int = 4096, ctx: int = 512,
+                 merge_adapters: bool = False, merge_scheme: str | None = None, resume: bool = False, eval_tokens: int = 4096, ctx: int = 512,
                  base_name: str = "", progress: bool = True) -> dict:
     """QLoRA on `text_path`: held-out perplexity of the 4-bit model before and after, the
     adapter in PEFT's layout, optionally merged and re-quantized."""
@@ -92,9 +92,10 @@ def run_finetune(model, tokenizer, text_path, out_dir, cfg: TrainConfig, scheme:
            "dropout": dropout, "targets": list(targets), "compute_dtype": compute_dtype, **summary,
            "held_out_perplexity_before": before, "held_out_perplexity_after": after, "eval_tokens": eval_tokens}
     if merge_adapters:
-        merged = merge(qmodel)
+        merged = merge(qmodel, merge_scheme)
         save(merged, out / "merged", tokenizer)
         res["merged"] = str(out / "merged")
+        res["merge_scheme"] = merge_scheme or res["base_scheme"]
         res["held_out_perplexity_merged"] = _ppl(merged, windows, progress)
     _write_results(out, res)
     return res
