@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=4)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--max-kld", type=float, default=0.05, help="accuracy target for the target-driven plan")
+    ap.add_argument("--proxy", action="store_true", help="plan on the Hessian-weighted proxy (seconds) instead of the "
+                                                          "measured sensitivity (~20 min on 2 cores)")
     ap.add_argument("--gptq", action="store_true", help="also compare planned vs uniform int4-g128 with GPTQ")
     ap.add_argument("--gptq-samples", type=int, default=32)
     ap.add_argument("--report", default="reports/mixed-precision")
@@ -43,12 +45,16 @@ def main():
     ref = ReferenceCache(model, windows)
     ids = calib_samples(tok, qk.text(a.text, "calib"), a.calib_samples, a.calib_len, seed=0)
     t0 = time.perf_counter()
-    sens = measure_sensitivity(model, ids, a.schemes)
-    sens_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
     proxy = proxy_sensitivity(model, ids, a.schemes)
     proxy_s = time.perf_counter() - t0
-    rho = rank_correlation(sens, proxy)
+    sens_s, rho = None, None
+    if a.proxy:
+        sens = proxy
+    else:
+        t0 = time.perf_counter()
+        sens = measure_sensitivity(model, ids, a.schemes)
+        sens_s = time.perf_counter() - t0
+        rho = rank_correlation(sens, proxy)
     Path(a.report).mkdir(parents=True, exist_ok=True)
     sensitivity_heatmap(sens, a.report)
     schemes = sens.schemes
@@ -85,14 +91,21 @@ def main():
     plot_fronts({"uniform": [(r["size"], r["ppl"], sc) for sc, r in uniform.items()],
                  "planned": [(r["size"], r["ppl"], "") for r in planned.values()]},
                 Path(a.report) / "front.png", title="SmolLM2: uniform schemes vs planned mixes (RTN)")
-    # accuracy target: smallest plan whose measured KL (calibration samples) meets it
-    tp = plan_for_target(model, sens, ids, max_kld=a.max_kld)
-    tr = run(tp.config())
-    cal_ref = ReferenceCache(model, ids, progress=False)
-    uni_cal = {sc: score(qk.quantize(model, sc, progress=False), ids, reference=cal_ref, progress=False)["kl_divergence"]
-               for sc in schemes}
-    meeting = [sc for sc in schemes if uni_cal[sc] <= a.max_kld]
-    smallest_ok = min(meeting, key=lambda sc: uniform[sc]["size"]) if meeting else None
+    # accuracy target (measured sensitivity only: the proxy is not in KL units)
+    target_par = []
+    if not a.proxy:
+        tp = plan_for_target(model, sens, ids, max_kld=a.max_kld)
+        tr = run(tp.config())
+        cal_ref = ReferenceCache(model, ids, progress=False)
+        uni_cal = {sc: score(qk.quantize(model, sc, progress=False), ids, reference=cal_ref,
+                             progress=False)["kl_divergence"] for sc in schemes}
+        meeting = [sc for sc in schemes if uni_cal[sc] <= a.max_kld]
+        smallest_ok = min(meeting, key=lambda sc: uniform[sc]["size"]) if meeting else None
+        target_par = ["", f"Accuracy target `--max-kld {a.max_kld}` (measured on the calibration samples): plan of "
+                      f"{tp.size_bytes / 1e6:.2f} MB, measured KL {tp.measured['kld']:.4f} there; on the evaluation text "
+                      f"perplexity {tr['ppl']:.3f}, KL {tr['kld']:.4f}. Uniform schemes' KL on the same calibration "
+                      "samples: " + ", ".join(f"{sc} {v:.4f} ({uniform[sc]['size'] / 1e6:.2f} MB)" for sc, v in uni_cal.items())
+                      + f"; smallest uniform scheme meeting the target: {smallest_ok or 'none'}."]
     gptq_rows = []
     if a.gptq:
         calib_text = qk.text(a.text, "calib")
@@ -101,23 +114,24 @@ def main():
         pg = run(plan.config(), calib=calib_text)
         gptq_rows = [f"| uniform int4-g128, GPTQ | {ug['ppl']:.3f} | {ug['kld']:.4f} | {ug['size'] / 1e6:.2f} |",
                      f"| planned at int4-g128 size, GPTQ | {pg['ppl']:.3f} | {pg['kld']:.4f} | {pg['size'] / 1e6:.2f} |"]
+    if a.proxy:
+        how = (f"Sensitivity: the Hessian-weighted proxy (each layer's own output error tr(dW H dW^T)/2, from one forward "
+               f"pass over {sens.tokens} calibration tokens, {proxy_s:.0f} s) for each of {len(sens.layers)} Linears and "
+               f"{', '.join(schemes)}; the 'predicted' column is in its units, not KL.")
+    else:
+        how = (f"Sensitivity: each of {len(sens.layers)} Linears quantized alone (RTN) with each of {', '.join(schemes)}; "
+               f"damage = mean KL vs fp32 on {sens.tokens} calibration tokens ({a.calib_samples} x {a.calib_len}), "
+               f"measured in {sens_s / 60:.1f} min. Hessian-weighted proxy (one forward pass, {proxy_s:.0f} s): Spearman "
+               f"rank correlation with the measured damage over every (layer, scheme) pair {rho:.3f}.")
     body = "\n".join([
-        f"Sensitivity: each of {len(sens.layers)} Linears quantized alone (RTN) with each of {', '.join(schemes)}; damage = "
-        f"mean KL vs fp32 on {sens.tokens} calibration tokens ({a.calib_samples} x {a.calib_len}), measured in "
-        f"{sens_s / 60:.1f} min. Plans: exact knapsack on the summed damage. Perplexity and KL on the first "
-        f"{windows.numel()} tokens of the evaluation part; sizes are model.safetensors bytes (head bf16). "
-        f"Hessian-weighted proxy (one forward pass, {proxy_s:.0f} s): Spearman rank correlation with the measured "
-        f"damage over every (layer, scheme) pair {rho:.3f}.",
+        how + f" Plans: exact knapsack on the summed damage. Perplexity and KL on the first {windows.numel()} tokens of "
+        f"the evaluation part; sizes are model.safetensors bytes (head bf16).",
         "",
-        "| model | perplexity | KLD | size MB | predicted KLD (sum of per-layer) |",
+        "| model | perplexity | KLD | size MB | predicted damage (sum of per-layer) |",
         "|---|---:|---:|---:|---:|",
         *rows,
         "",
-        f"Accuracy target `--max-kld {a.max_kld}` (measured on the calibration samples): plan of "
-        f"{tp.size_bytes / 1e6:.2f} MB, measured KL {tp.measured['kld']:.4f} there; on the evaluation text perplexity "
-        f"{tr['ppl']:.3f}, KL {tr['kld']:.4f}. Uniform schemes' KL on the same calibration samples: "
-        + ", ".join(f"{sc} {v:.4f} ({uniform[sc]['size'] / 1e6:.2f} MB)" for sc, v in uni_cal.items())
-        + f"; smallest uniform scheme meeting the target: {smallest_ok or 'none'}.",
+        *target_par,
         *([""] + ["GPTQ (" + str(a.gptq_samples) + " x 512 calibration tokens):", "",
                   "| model | perplexity | KLD | size MB |", "|---|---:|---:|---:|", *gptq_rows] if gptq_rows else []),
         "",

@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--schemes", default=PS, help=f"candidate schemes per layer (default {PS})")
         g = p.add_argument_group("calibration text (sensitivity is measured on it)")
         g.add_argument("--calib", help="text file (its last-quarter articles) or hf:NAME; without it, model-generated text")
-        g.add_argument("--calib-samples", type=int, default=8, help="number of samples (default 8)")
+        g.add_argument("--calib-samples", type=int, default=4, help="number of samples (default 4)")
         g.add_argument("--calib-len", type=int, default=256, help="tokens per sample (default 256)")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--batch-size", type=int, default=4, help="samples per forward pass")

@@ -322,14 +322,15 @@ def plan_for_budget(model: nn.Module, sens: Sensitivity, budget: int, head: str 
         raise SchemeError(f"a budget of {budget:,} bytes is below the smallest size these schemes reach: "
                           f"{smallest:,} bytes ({smallest / 1e6:.2f} MB); raise the budget or add smaller schemes")
     target = budget
-    for _ in range(4):  # the header's few bytes vary with the choice: tighten until the exact size fits
+    step = unit or dp_unit(sens, max(budget - fixed, 1))
+    for r in range(12):  # the safetensors header (a few KB) varies with the choice: tighten until it fits
         choice = allocate(sens, target, fixed, unit)
         if choice is None:
             break
         size = plan_size(model, choice, head, method)
         if size <= budget:
             return Plan(choice, method, head, budget, size, predicted_kld(sens, choice))
-        target -= size - budget + (unit or 1)
+        target -= max(size - budget, step) * 2**r
     raise SchemeError(f"no plan fits {budget:,} bytes (smallest reachable: {smallest:,} bytes)")
 
 

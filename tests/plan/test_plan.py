@@ -145,3 +145,11 @@ def test_hessian_proxy_ranks_layers_like_the_measured_damage(tiny, ids, sens):
     assert proxy.kld[n]["int2-g32"] > proxy.kld[n]["int4-g32"] > proxy.kld[n]["int8"] >= 0
     assert rank_correlation(sens, proxy) > 0.3  # 0.39 on this random model (its q/k layers barely matter); see benchmarks for SmolLM2
     assert rank_correlation(sens, sens) == pytest.approx(1.0)
+
+
+def test_every_budget_between_the_extremes_gets_a_plan_that_fits(tiny, sens):
+    lo = plan_size(tiny, {n: "int2-g32" for n in sens.layers}, "bf16")
+    hi = plan_size(tiny, {n: "int8" for n in sens.layers}, "bf16")
+    for budget in torch.linspace(lo, hi, 13).long().tolist():  # the header's size varies with the choice
+        plan = plan_for_budget(tiny, sens, budget)
+        assert plan.size_bytes <= budget
