@@ -29,7 +29,8 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def prepare_qlora(model: nn.Module, scheme: str = DEFAULT_SCHEME, r: int = 8, alpha: float = 32, dropout: float = 0.05,
                   targets=DEFAULT_TARGETS, compute_dtype: str = "fp32", progress: bool = False) -> nn.Module:
     """A 4-bit copy of `model` with trainable LoRA adapters on the `targets` Linears."""
-    from .. import quantize
+    from ..pipeline import quantize_model, validate_config
+    from ..scheme import make_config
 
     if compute_dtype not in COMPUTE_DTYPES:
         raise SchemeError(f"unknown compute dtype {compute_dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
@@ -39,7 +40,9 @@ def prepare_qlora(model: nn.Module, scheme: str = DEFAULT_SCHEME, r: int = 8, al
     check_linear_names(model, targets)
     dtype = COMPUTE_DTYPES[compute_dtype]
     base = model if dtype == torch.float32 else _to_dtype_copy(model, dtype)
-    qmodel = quantize(base, scheme, head="keep", progress=progress)
+    cfg = make_config(scheme, "rtn", "keep")
+    validate_config(cfg)
+    qmodel = quantize_model(base, cfg, progress=progress)
     for name, mod in list(qmodel.named_modules()):  # gradients flow through every base layer to the adapters
         if isinstance(mod, QuantLinear) and not mod.kernel.differentiable:
             _set_module(qmodel, name, QuantLinear(mod.quantized_weight(), mod.bias, kernel="dequant"))
