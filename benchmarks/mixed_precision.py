@@ -11,13 +11,14 @@ docs/benchmarks.md and the plots (sensitivity heat map, size-vs-perplexity front
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import quantkit as qk
 from quantkit.data import calib_samples, eval_windows
 from quantkit.evaluate.quality import ReferenceCache, score
-from quantkit.plan import (measure_sensitivity, plan_for_budget, plan_for_target, predicted_kld, proxy_sensitivity,
+from quantkit.plan import (Sensitivity, measure_sensitivity, plan_for_budget, plan_for_target, predicted_kld, proxy_sensitivity,
                            rank_correlation)
 from quantkit.report import plot_fronts, sensitivity_heatmap
 
@@ -35,6 +36,8 @@ def main():
     ap.add_argument("--max-kld", type=float, default=0.05, help="accuracy target for the target-driven plan")
     ap.add_argument("--proxy", action="store_true", help="plan on the Hessian-weighted proxy (seconds) instead of the "
                                                           "measured sensitivity (~20 min on 2 cores)")
+    ap.add_argument("--sensitivity", help="JSON file: read the measured sensitivity from it if it exists, else measure "
+                                          "and write it there (quantkit sensitivity --out writes the same format)")
     ap.add_argument("--gptq", action="store_true", help="also compare planned vs uniform int4-g128 with GPTQ")
     ap.add_argument("--gptq-samples", type=int, default=32)
     ap.add_argument("--report", default="reports/mixed-precision")
@@ -50,11 +53,17 @@ def main():
     sens_s, rho = None, None
     if a.proxy:
         sens = proxy
+    elif a.sensitivity and Path(a.sensitivity).exists():
+        d = json.loads(Path(a.sensitivity).read_text())
+        sens, sens_s = Sensitivity.from_dict(d), d.get("seconds")
+        rho = rank_correlation(sens, proxy)
     else:
         t0 = time.perf_counter()
         sens = measure_sensitivity(model, ids, a.schemes)
         sens_s = time.perf_counter() - t0
         rho = rank_correlation(sens, proxy)
+        if a.sensitivity:
+            Path(a.sensitivity).write_text(json.dumps({**sens.to_dict(), "seconds": sens_s}, indent=1))
     Path(a.report).mkdir(parents=True, exist_ok=True)
     sensitivity_heatmap(sens, a.report)
     schemes = sens.schemes
@@ -77,15 +86,18 @@ def main():
     budgets = {"int4-g128 size": s4, "midway int3/int4": (s3 + s4) // 2, "int3-g128 size": s3}
     if "int8" in uniform:
         budgets["midway int4/int8"] = (s4 + uniform["int8"]["size"]) // 2
-    for label, b in budgets.items():
-        plan = plan_for_budget(model, sens, b)
+    runs = [(label, b, None) for label, b in budgets.items()]
+    if sens.head:  # how much of the gain at int4-g128 size is the head's storage
+        runs.insert(1, ("int4-g128 size, head pinned bf16", s4, "bf16"))
+    for label, b, head in runs:
+        plan = plan_for_budget(model, sens, b, head=head)
         r = run(plan.config())
-        r.update(predicted=plan.predicted_kld, counts=plan.counts(), budget=b)
+        r.update(predicted=plan.predicted_kld, counts=plan.counts(), budget=b, head=plan.head)
         planned[label] = r
     for sc, r in uniform.items():
-        rows.append(f"| uniform {sc} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['size'] / 1e6:.2f} | {r['predicted']:.4f} |")
+        rows.append(f"| uniform {sc} (head bf16) | {r['ppl']:.3f} | {r['kld']:.4f} | {r['size'] / 1e6:.2f} | {r['predicted']:.4f} |")
     for label, r in planned.items():
-        mix = ", ".join(f"{k} x{v}" for k, v in sorted(r["counts"].items()))
+        mix = ", ".join(f"{k} x{v}" for k, v in sorted(r["counts"].items())) + f"; head {r['head']}"
         rows.append(f"| planned at {label} ({mix}) | {r['ppl']:.3f} | {r['kld']:.4f} | {r['size'] / 1e6:.2f} | "
                     f"{r['predicted']:.4f} |")
     plot_fronts({"uniform": [(r["size"], r["ppl"], sc) for sc, r in uniform.items()],
@@ -110,22 +122,26 @@ def main():
     if a.gptq:
         calib_text = qk.text(a.text, "calib")
         ug = run(qk.make_config("int4-g128", "gptq"), calib=calib_text)
-        plan = plan_for_budget(model, sens, s4, method="gptq")
-        pg = run(plan.config(), calib=calib_text)
-        gptq_rows = [f"| uniform int4-g128, GPTQ | {ug['ppl']:.3f} | {ug['kld']:.4f} | {ug['size'] / 1e6:.2f} |",
-                     f"| planned at int4-g128 size, GPTQ | {pg['ppl']:.3f} | {pg['kld']:.4f} | {pg['size'] / 1e6:.2f} |"]
+        gptq_rows = [f"| uniform int4-g128 (head bf16), GPTQ | {ug['ppl']:.3f} | {ug['kld']:.4f} | {ug['size'] / 1e6:.2f} |"]
+        for head in ([None, "bf16"] if sens.head else [None]):
+            plan = plan_for_budget(model, sens, s4, head=head, method="gptq")
+            pg = run(plan.config(), calib=calib_text)
+            mix = ", ".join(f"{k} x{v}" for k, v in sorted(plan.counts().items())) + f"; head {plan.head}"
+            gptq_rows.append(f"| planned at int4-g128 size ({mix}), GPTQ | {pg['ppl']:.3f} | {pg['kld']:.4f} | "
+                             f"{pg['size'] / 1e6:.2f} |")
     if a.proxy:
         how = (f"Sensitivity: the Hessian-weighted proxy (each layer's own output error tr(dW H dW^T)/2, from one forward "
                f"pass over {sens.tokens} calibration tokens, {proxy_s:.0f} s) for each of {len(sens.layers)} Linears and "
                f"{', '.join(schemes)}; the 'predicted' column is in its units, not KL.")
     else:
-        how = (f"Sensitivity: each of {len(sens.layers)} Linears quantized alone (RTN) with each of {', '.join(schemes)}; "
+        how = (f"Sensitivity: each of {len(sens.layers)} Linears quantized alone (RTN) with each of {', '.join(schemes)}"
+               + (f", and the tied embedding/head stored as {' or '.join(sens.head)}" if sens.head else "") + "; "
                f"damage = mean KL vs fp32 on {sens.tokens} calibration tokens ({a.calib_samples} x {a.calib_len}), "
                f"measured in {sens_s / 60:.1f} min. Hessian-weighted proxy (one forward pass, {proxy_s:.0f} s): Spearman "
                f"rank correlation with the measured damage over every (layer, scheme) pair {rho:.3f}.")
     body = "\n".join([
         how + f" Plans: exact knapsack on the summed damage. Perplexity and KL on the first {windows.numel()} tokens of "
-        f"the evaluation part; sizes are model.safetensors bytes (head bf16).",
+        f"the evaluation part; sizes are model.safetensors bytes.",
         "",
         "| model | perplexity | KLD | size MB | predicted damage (sum of per-layer) |",
         "|---|---:|---:|---:|---:|",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -157,7 +158,13 @@ def cmd_export(a):
     from . import load, quantize_for_gguf
     from .io.gguf import export_gguf
 
+    if (a.gguf is None) == (a.to is None):
+        raise QuantkitError("give one of --gguf TYPE (a llama.cpp file) or --to gptq|compressed-tensors (a folder)")
+    if a.gguf is not None and a.out is None:
+        raise QuantkitError("--gguf needs --out FILE.gguf")
     model, tok = load(a.model)
+    if a.to is not None:
+        return _export_hf(a, model, tok)
     seconds = None
     if a.method != "rtn":
         calib = _text(a.calib, "calib") if a.calib else None
@@ -175,6 +182,56 @@ def cmd_export(a):
                           "quantize_seconds": None if seconds is None else round(seconds, 2)}, indent=2))
     else:
         print("\n".join(summary.lines()))
+
+
+def _export_hf(a, model, tok):
+    """export --to gptq|compressed-tensors: quantize (unless the source already is a quantkit
+    checkpoint), measure what the model card reports, write the folder."""
+    import time
+
+    from . import quantize
+    from .io.export_hf import check_scheme, default_folder, export_hf, export_scheme, model_card, model_name
+
+    reference = None
+    seconds = None
+    if hasattr(model, "quantkit"):
+        qm = model
+        if a.scheme:
+            raise QuantkitError(f"{a.model} is already quantized ({', '.join(sorted(set(qm.quantkit.layers.values())))}); "
+                                "drop --scheme or export from the float model")
+    else:
+        scheme = check_scheme(a.to, a.scheme or export_scheme(model))
+        t0 = time.perf_counter()
+        calib = _text(a.calib, "calib") if a.calib else None
+        qm = quantize(model, scheme, method=a.method, calib=calib, tokenizer=tok, progress=not a.json,
+                      calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, batch_size=a.batch_size,
+                      sequential=a.sequential, act_order=a.act_order, static_groups=a.static_groups, damp=a.damp,
+                      gptq_block_size=a.gptq_block_size)
+        seconds = time.perf_counter() - t0
+        reference = model
+    from .io.export_hf import EXPORTERS, _uniform_scheme
+
+    sc, g = _uniform_scheme(qm, EXPORTERS[a.to])
+    out = a.out or default_folder(model_name(a.model), a.to, sc, g)
+    measured = None
+    if a.eval_text:
+        from .evaluate.run import evaluate_model
+
+        measured = evaluate_model(qm, tok, text=_text(a.eval_text), reference=reference, max_tokens=a.eval_tokens, ctx=a.ctx,
+                                  speed=a.speed, progress=not a.json)
+    methods = sorted(set(qm.quantkit.methods.values())) or [a.method]
+    card = model_card(model_name(a.model), a.to, sc, g, method=", ".join(methods),
+                      calib=(f"{a.calib} ({a.calib_samples} x {a.calib_len} tokens, seed {a.seed})" if a.calib else None),
+                      measured=measured, eval_text=a.eval_text, seconds=seconds, ctx=a.ctx,
+                      command=" ".join(["quantkit"] + [shlex.quote(str(x)) for x in a.argv]))
+    summary = export_hf(qm, tok, out, a.to, card=card)
+    res = {"out": str(summary.path), "format": summary.format, "scheme": summary.scheme, "group_size": summary.group_size,
+           "layers": summary.layers, "size_bytes": summary.bytes, "quantize_seconds": seconds, "measured": measured}
+    if a.json:
+        print(json.dumps(res, indent=2, default=str))
+    else:
+        print(f"wrote {summary.path} ({a.to}, {summary.scheme}, {summary.layers} layers, {_mb(summary.bytes)})"
+              + (f"; perplexity {measured['perplexity']:.3f}" if measured else ""))
 
 
 def cmd_eval(a):
@@ -337,6 +394,8 @@ def cmd_sensitivity(a):
     for n in order[: a.top] if a.top else order:
         t.add_row(n, *[f"{sens.kld[n][sc]:.2e}" for sc in sens.schemes])
     Console().print(t)
+    if sens.head:
+        print("embedding/head alone: " + ", ".join(f"{o} {v:.2e} ({sens.head_bytes[o]:,} bytes)" for o, v in sens.head.items()))
     if a.proxy:
         print(f"Hessian-weighted proxy vs measured damage: Spearman rank correlation {result['rank_correlation']:.3f}")
     if a.out:
@@ -353,7 +412,7 @@ def cmd_plan(a):
     model, tok = load(a.model)
     ids = _plan_calibration(a, model, tok)
     sens = _sensitivity(a, model, tok, ids)
-    head = a.head or "bf16"
+    head = a.head  # None: the embedding/head storage is planned too (when measured)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     if a.budget is not None:
         budget = parse_budget(a.budget, n_params)
@@ -468,15 +527,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .io.ggml_mix import FTYPES
 
-    x = sub.add_parser("export", help="write a GGUF file that llama.cpp runs",
-                       description="Write MODEL as a GGUF file. Float weights are rounded with llama.cpp's reference "
-                                   "rounding (K-quant mixes follow llama.cpp's per-tensor rules), or with --method gptq "
-                                   "solved onto the same block types; a quantkit checkpoint whose grid the type holds "
-                                   "(groups of 32) is repacked without a second rounding.")
+    x = sub.add_parser("export", help="write a GGUF file (llama.cpp) or a GPTQ / compressed-tensors folder (transformers, vLLM)",
+                       description="--gguf TYPE: write MODEL as a GGUF file. Float weights are rounded with llama.cpp's "
+                                   "reference rounding (K-quant mixes follow llama.cpp's per-tensor rules), or with --method "
+                                   "gptq solved onto the same block types; a quantkit checkpoint whose grid the type holds "
+                                   "(groups of 32) is repacked without a second rounding. --to gptq|compressed-tensors: "
+                                   "quantize MODEL with one integer scheme (or take a quantkit checkpoint as it is) and "
+                                   "write the GPTQ layout (qweight/qzeros/scales/g_idx) or compressed-tensors' "
+                                   "pack-quantized layout, with a model card (README.md).")
     x.add_argument("model", help=MODEL_HELP)
-    x.add_argument("--gguf", required=True, type=str.upper, choices=list(FTYPES), metavar="TYPE",
-                   help=f"file type: {', '.join(FTYPES)}")
-    x.add_argument("--out", required=True, help="output .gguf file (written atomically)")
+    x.add_argument("--gguf", type=str.upper, choices=list(FTYPES), metavar="TYPE",
+                   help=f"GGUF file type: {', '.join(FTYPES)}")
+    x.add_argument("--to", choices=["gptq", "compressed-tensors"], help="write this checkpoint layout instead of GGUF")
+    x.add_argument("--scheme", help="--to: integer weight scheme (default: int4 symmetric with the largest group of "
+                                    "128/64/32 that divides every layer's width)")
+    x.add_argument("--eval-text", help="--to: measure perplexity/KLD on this text (its evaluation part) for the model card")
+    x.add_argument("--eval-tokens", type=int, default=8192, help="--to: tokens evaluated for the card (default 8192)")
+    x.add_argument("--ctx", type=int, default=512, help="--to: evaluation window length (default 512)")
+    x.add_argument("--speed", action="store_true", help="--to: also measure decode tokens/s for the card")
+    x.add_argument("--out", help="output .gguf file, or folder for --to (default: NAME-GPTQ-4bit-128g style); "
+                                 "written atomically")
     x.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name, when it cannot be told from the source")
     x.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
                    help="rtn: llama.cpp's rounding; gptq: solve each Linear onto its GGUF block grid (needs calibration)")
@@ -569,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--sensitivity", help="reuse measurements written by quantkit sensitivity --out")
     pl.add_argument("--proxy", action="store_true", help="plan on the cheap Hessian-weighted proxy instead of measured KL")
     pl.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="method the plan is applied with")
-    pl.add_argument("--head", default=None, choices=HEAD_CHOICES, help="storage of embeddings and output head (default bf16)")
+    pl.add_argument("--head", default=None, choices=HEAD_CHOICES,
+                    help="pin the storage of embeddings and output head (default: planned, bf16 or int8, with the layers)")
     pl.add_argument("--dry-run", action="store_true", help="print the smallest reachable size and the budget, plan nothing")
     pl.add_argument("--out", default="plan.json", help="plan file (default plan.json)")
     pl.set_defaults(fn=cmd_plan)
@@ -578,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for "the command that made it" in reports
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import warnings
 

@@ -7,6 +7,10 @@ calibration samples: the damage is the mean KL(P_float || P_quantized) over the 
 positions. The float model's inputs to each block are recorded once; a layer in block b is
 measured by replaying block b-1's recorded output and running blocks b.. only.
 
+The embedding table and output head (one tensor when tied) are one more unit, `HEAD`, whose
+options are its storages (`HEAD_OPTIONS`: bf16 or int8): at 49152 x 576 it is a third of
+SmolLM2's parameters, so storing it in int8 frees more bytes than any Linear.
+
 Allocation: choosing one scheme per layer to minimise the summed damage under a byte budget
 is a multiple-choice knapsack, solved exactly by dynamic programming over the budget in units
 of `unit` bytes (each layer's size rounded *up* to whole units, so the plan never exceeds the
@@ -31,12 +35,14 @@ from .arch import blocks_of, family_of
 from .errors import QuantkitError, SchemeError
 from .formats import quantize, storage_bytes
 from .nn import QuantLinear
-from .pipeline import _set_module, head_modules, linear_weight
+from .pipeline import QuantInfo, _head_scheme, _quantize_head, _set_module, head_modules, linear_weight
 from .scheme import QuantConfig, Rule, Scheme, make_config, parse_scheme
 
 log = logging.getLogger(__name__)
 PLAN_FORMAT = "quantkit-plan/1"
 DEFAULT_SCHEMES = "int8,int4-g128,int3-g128"
+HEAD = "@head"  # plan unit: the embedding table and the output head (tied or not)
+HEAD_OPTIONS = ("bf16", "int8")
 
 
 # ----------------------------------------------------------------------------- sensitivity
@@ -87,32 +93,93 @@ def fitted_scheme(sc: Scheme, width: int) -> Scheme | None:
 
 @dataclass
 class Sensitivity:
-    """Per-layer damage (mean KL, nats/token) and exact stored bytes, for each candidate scheme."""
+    """Per-layer damage (mean KL, nats/token) and exact stored bytes, for each candidate scheme;
+    `head` (storage -> damage) and `head_bytes` for the HEAD unit when it was measured."""
 
     schemes: list[str]
     layers: list[str]
     shapes: dict[str, tuple[int, int]]
     kld: dict[str, dict[str, float]]  # layer -> scheme -> mean KL when only that layer is quantized
     tokens: int = 0
+    head: dict[str, float] = field(default_factory=dict)
+    head_bytes: dict[str, int] = field(default_factory=dict)
 
-    def bytes(self, layer: str, scheme: str) -> int:
-        sc = fitted_scheme(parse_scheme(scheme), self.shapes[layer][1])
-        return storage_bytes(sc, self.shapes[layer])
+    def units(self) -> list[str]:
+        """What a plan chooses for: every layer, then HEAD when it was measured."""
+        return self.layers + ([HEAD] if self.head else [])
+
+    def options(self, unit: str) -> list[str]:
+        """Candidates of one unit whose damage is finite (a scheme no group size fits is inf)."""
+        if unit == HEAD:
+            return list(self.head)
+        return [s for s in self.schemes if math.isfinite(self.kld[unit][s])]
+
+    def damage(self, unit: str, scheme: str) -> float:
+        return self.head[scheme] if unit == HEAD else self.kld[unit][scheme]
+
+    def bytes(self, unit: str, scheme: str) -> int:
+        if unit == HEAD:
+            return self.head_bytes[scheme]
+        sc = fitted_scheme(parse_scheme(scheme), self.shapes[unit][1])
+        return storage_bytes(sc, self.shapes[unit])
 
     def to_dict(self) -> dict:
-        return {"schemes": self.schemes, "tokens": self.tokens,
-                "layers": {n: {"shape": list(self.shapes[n]), "kld": self.kld[n]} for n in self.layers}}
+        d = {"schemes": self.schemes, "tokens": self.tokens,
+             "layers": {n: {"shape": list(self.shapes[n]), "kld": self.kld[n]} for n in self.layers}}
+        if self.head:
+            d["head"] = {"kld": self.head, "bytes": self.head_bytes}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sensitivity":
         layers = list(d["layers"])
+        head = d.get("head") or {}
         return cls(list(d["schemes"]), layers, {n: tuple(d["layers"][n]["shape"]) for n in layers},
-                   {n: dict(d["layers"][n]["kld"]) for n in layers}, int(d.get("tokens", 0)))
+                   {n: dict(d["layers"][n]["kld"]) for n in layers}, int(d.get("tokens", 0)),
+                   {k: float(v) for k, v in head.get("kld", {}).items()},
+                   {k: int(v) for k, v in head.get("bytes", {}).items()})
+
+
+def head_bytes(model: nn.Module, storage: str) -> int:
+    """Exact bytes of the embedding table and output head (once when tied) stored as `storage`."""
+    emb_name, out_name, tied = head_modules(model)
+    total = 0
+    for name in [emb_name] + ([] if tied else [out_name]):
+        if name is None:
+            continue
+        m = model.get_submodule(name)
+        w = linear_weight(m) if linear_weight(m) is not None else m.weight
+        total += storage_bytes(_head_scheme(storage, w.dtype), tuple(w.shape))
+    return total
+
+
+def _measure_head(model, ids, batch_size, ref, options) -> dict[str, float]:
+    """Damage of storing only the embedding/head as each option (a whole forward pass each)."""
+    emb_name, out_name, tied = head_modules(model)
+    if emb_name is None and out_name is None:
+        return {}
+    saved = {n: model.get_submodule(n) for n in (emb_name, out_name) if n}
+    out = {}
+    try:
+        for opt in options:
+            _quantize_head(model, make_config("fp32", head=opt), QuantInfo(make_config("fp32")), emb_name, out_name, tied)
+            total = 0.0
+            with torch.no_grad():
+                for k, i in enumerate(range(0, ids.shape[0], batch_size)):
+                    total += _kl(ref[k], model(input_ids=ids[i:i + batch_size], use_cache=False).logits)
+            out[opt] = total / ids.numel()
+            for n, m in saved.items():
+                _set_module(model, n, m)
+    finally:
+        for n, m in saved.items():
+            _set_module(model, n, m)
+    return out
 
 
 def measure_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_size: int = 4,
-                        progress: bool = True) -> Sensitivity:
-    """Damage of quantizing each Linear alone with each scheme (see the module docstring)."""
+                        progress: bool = True, head: bool = True) -> Sensitivity:
+    """Damage of quantizing each Linear alone with each scheme (see the module docstring); with
+    `head`, also of storing the embedding/head as each of HEAD_OPTIONS."""
     schemes = [parse_scheme(s) for s in (schemes.split(",") if isinstance(schemes, str) else schemes)]
     if not schemes:
         raise SchemeError("give at least one candidate scheme")
@@ -165,6 +232,9 @@ def measure_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_si
         for i, blk in enumerate(originals):
             blocks[i] = blk
         bar.close()
+    if head:
+        sens.head = _measure_head(model, ids, batch_size, ref, HEAD_OPTIONS)
+        sens.head_bytes = {o: head_bytes(model, o) for o in sens.head}
     return sens
 
 
@@ -197,16 +267,24 @@ class Plan:
     predicted_kld: float = 0.0
     measured: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if HEAD in self.choice:  # the head's storage was planned
+            self.head = self.choice[HEAD]
+
+    def layer_choice(self) -> dict[str, str]:
+        return {n: s for n, s in self.choice.items() if n != HEAD}
+
     def rules(self) -> tuple[Rule, ...]:
-        return tuple(Rule(_literal(n), parse_scheme(s), self.method) for n, s in self.choice.items())
+        return tuple(Rule(_literal(n), parse_scheme(s), self.method) for n, s in self.layer_choice().items())
 
     def config(self) -> QuantConfig:
-        base = max(self.choice.values(), key=list(self.choice.values()).count)
-        return make_config(base, self.method, self.head, self.rules())
+        layers = list(self.layer_choice().values())
+        return make_config(max(layers, key=layers.count), self.method, self.head, self.rules())
 
     def counts(self) -> dict[str, int]:
+        """Layers per scheme (the head's storage is `head`)."""
         out: dict[str, int] = {}
-        for s in self.choice.values():
+        for s in self.layer_choice().values():
             out[s] = out.get(s, 0) + 1
         return out
 
@@ -214,7 +292,7 @@ class Plan:
         return json.dumps({"format": PLAN_FORMAT, "method": self.method, "head": self.head,
                            "budget_bytes": self.budget_bytes, "size_bytes": self.size_bytes,
                            "predicted_kld": self.predicted_kld, "measured": self.measured,
-                           "counts": self.counts(), "layers": self.choice}, indent=1)
+                           "counts": self.counts(), "layers": self.layer_choice()}, indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -236,7 +314,8 @@ def _literal(name: str) -> str:
 
 
 def plan_size(model: nn.Module, choice: dict[str, str], head: str, method: str = "rtn") -> int:
-    """Exact bytes of model.safetensors for the model quantized with this per-layer choice."""
+    """Exact bytes of model.safetensors for the model quantized with this per-layer choice
+    (`choice[HEAD]`, when present, overrides `head`)."""
     from .io.checkpoint import expected_weights_bytes
 
     return expected_weights_bytes(model, Plan(choice, method, head).config())
@@ -249,10 +328,9 @@ def dp_unit(sens: Sensitivity, room: int) -> int:
     """The byte unit of the DP: the gcd of every option's size (the DP is then exact), coarsened
     only if the budget would need more than MAX_CELLS cells."""
     g = 0
-    for n in sens.layers:
-        for s in sens.schemes:
-            if math.isfinite(sens.kld[n][s]):
-                g = math.gcd(g, sens.bytes(n, s))
+    for n in sens.units():
+        for s in sens.options(n):
+            g = math.gcd(g, sens.bytes(n, s))
     g = max(g, 1)
     if room // g > MAX_CELLS:
         g *= -(-room // g // MAX_CELLS)
@@ -274,9 +352,9 @@ def allocate(sens: Sensitivity, budget: int, fixed: int, unit: int | None = None
     dp = torch.full((cap + 1,), INF, dtype=torch.float64)
     dp[0] = 0.0
     back = []
-    for layer in sens.layers:
-        opts = [(s, -(-sens.bytes(layer, s) // unit), max(0.0, sens.kld[layer][s])) for s in sens.schemes
-                if math.isfinite(sens.kld[layer][s])]
+    units = sens.units()
+    for layer in units:
+        opts = [(s, -(-sens.bytes(layer, s) // unit), max(0.0, sens.damage(layer, s))) for s in sens.options(layer)]
         new = torch.full_like(dp, INF)
         arg = torch.full((cap + 1,), -1, dtype=torch.int16)
         for k, (_, c, d) in enumerate(opts):
@@ -293,7 +371,7 @@ def allocate(sens: Sensitivity, budget: int, fixed: int, unit: int | None = None
         return None
     j = int(torch.argmin(dp))
     choice = {}
-    for layer, (opts, arg) in zip(reversed(sens.layers), reversed(back)):
+    for layer, (opts, arg) in zip(reversed(units), reversed(back)):
         k = int(arg[j])
         s, c, _ = opts[k]
         choice[layer] = s
@@ -302,22 +380,36 @@ def allocate(sens: Sensitivity, budget: int, fixed: int, unit: int | None = None
 
 
 def predicted_kld(sens: Sensitivity, choice: dict[str, str]) -> float:
-    return sum(sens.kld[n][s] for n, s in choice.items())
+    return sum(sens.damage(n, s) for n, s in choice.items() if n in sens.kld or (n == HEAD and s in sens.head))
 
 
-def smallest_size(model: nn.Module, sens: Sensitivity, head: str) -> int:
-    choice = {n: min((s for s in sens.schemes if math.isfinite(sens.kld[n][s])), key=lambda s: sens.bytes(n, s))
-              for n in sens.layers}
-    return plan_size(model, choice, head)
+def with_head(sens: Sensitivity, head: str | None) -> Sensitivity:
+    """`sens` whose HEAD unit plans the head (head None) or is pinned to `head`."""
+    if head is None or not sens.head:
+        return sens
+    from dataclasses import replace
+
+    if head in sens.head:
+        return replace(sens, head={head: sens.head[head]}, head_bytes={head: sens.head_bytes[head]})
+    return replace(sens, head={}, head_bytes={})
 
 
-def plan_for_budget(model: nn.Module, sens: Sensitivity, budget: int, head: str = "bf16", method: str = "rtn",
+def smallest_size(model: nn.Module, sens: Sensitivity, head: str | None = None) -> int:
+    """Exact bytes of the smallest plan (head None: planned when measured, else bf16)."""
+    sens = with_head(sens, head)
+    choice = {n: min(sens.options(n), key=lambda s: sens.bytes(n, s)) for n in sens.units()}
+    return plan_size(model, choice, head or "bf16")
+
+
+def plan_for_budget(model: nn.Module, sens: Sensitivity, budget: int, head: str | None = None, method: str = "rtn",
                     unit: int | None = None) -> Plan:
-    """The least-damage plan whose exact checkpoint size is at most `budget` bytes."""
-    layer_bytes_any = {n: sens.bytes(n, sens.schemes[0]) for n in sens.layers}
-    first = {n: sens.schemes[0] for n in sens.layers}
-    fixed = plan_size(model, first, head) - sum(layer_bytes_any.values())  # embeddings, head, norms, header
+    """The least-damage plan whose exact checkpoint size is at most `budget` bytes; the head's
+    storage is planned too when `sens` measured it and `head` is None, else it is `head` (bf16)."""
+    sens = with_head(sens, head)
     smallest = smallest_size(model, sens, head)
+    head = head or "bf16"
+    first = {n: sens.options(n)[0] for n in sens.units()}
+    fixed = plan_size(model, first, head) - sum(sens.bytes(n, s) for n, s in first.items())  # norms, header (+head)
     if budget < smallest:
         raise SchemeError(f"a budget of {budget:,} bytes is below the smallest size these schemes reach: "
                           f"{smallest:,} bytes ({smallest / 1e6:.2f} MB); raise the budget or add smaller schemes")
@@ -352,7 +444,7 @@ def measure_plan(model: nn.Module, plan: Plan, windows: torch.Tensor, reference,
 
 
 def plan_for_target(model: nn.Module, sens: Sensitivity, windows: torch.Tensor, max_kld: float | None = None,
-                    max_ppl_increase: float | None = None, head: str = "bf16", method: str = "rtn", calib=None,
+                    max_ppl_increase: float | None = None, head: str | None = None, method: str = "rtn", calib=None,
                     rounds: int = 6, progress: bool = True) -> Plan:
     """The smallest plan whose *measured* KL (or perplexity increase) on `windows` meets the
     target: search the budget for the smallest plan whose predicted KL meets a working target,
@@ -364,7 +456,9 @@ def plan_for_target(model: nn.Module, sens: Sensitivity, windows: torch.Tensor, 
     if (max_kld is not None and max_kld <= 0) or (max_ppl_increase is not None and max_ppl_increase <= 0):
         raise SchemeError("the accuracy target must be positive")
     reference = ReferenceCache(model, windows, progress=False)
-    lo, hi = smallest_size(model, sens, head), plan_size(model, {n: _largest(sens, n) for n in sens.layers}, head)
+    sens = with_head(sens, head)
+    lo = smallest_size(model, sens, head)
+    hi = plan_size(model, {n: _largest(sens, n) for n in sens.units()}, head or "bf16")
     key, limit = ("kld", max_kld) if max_kld is not None else ("ppl_increase", max_ppl_increase)
     # working target on the predicted (summed) KL; a perplexity increase p is a mean log-loss
     # increase of log(1 + p), which the KL bounds to first order
@@ -383,8 +477,8 @@ def plan_for_target(model: nn.Module, sens: Sensitivity, windows: torch.Tensor, 
                       f"{best.size_bytes:,} bytes); add a larger scheme (e.g. int8) or relax the target")
 
 
-def _largest(sens: Sensitivity, layer: str) -> str:
-    return max((s for s in sens.schemes if math.isfinite(sens.kld[layer][s])), key=lambda s: sens.bytes(layer, s))
+def _largest(sens: Sensitivity, unit: str) -> str:
+    return max(sens.options(unit), key=lambda s: sens.bytes(unit, s))
 
 
 def _smallest_within(model, sens, work, lo, hi, head, method) -> Plan:
@@ -405,7 +499,7 @@ def _smallest_within(model, sens, work, lo, hi, head, method) -> Plan:
 
 # ----------------------------------------------------------------------------- cheap proxy
 def proxy_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_size: int = 4,
-                      progress: bool = True) -> Sensitivity:
+                      progress: bool = True, head: bool = True) -> Sensitivity:
     """A cheaper damage estimate: for each layer and scheme, the output error the quantized
     weight makes on the calibration inputs, tr(dW H dWᵀ) / 2 with H = 2/n Σ x xᵀ the layer's
     input Hessian (one float forward pass collects every H; no forward pass per layer). Same
@@ -417,11 +511,21 @@ def proxy_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_size
     blocks = blocks_of(model, fam)
     names = [(f"{fam.blocks}.{b}.{n}", m) for b, blk in enumerate(blocks) for n, m in blk.named_modules()
              if linear_weight(m) is not None]
-    acc = {n: HessianAccumulator() for n, _ in names}
+    _, out_name, _ = head_modules(model)
+    out_mod = model.get_submodule(out_name) if head and out_name and linear_weight(model.get_submodule(out_name)) is not None else None
+    hooked = names + ([(HEAD, out_mod)] if out_mod is not None else [])
+    acc = {n: HessianAccumulator() for n, _ in hooked}
     ids = calib.to(torch.long)
     _forward_with_hooks(model, ids, batch_size,
-                        [m.register_forward_hook(lambda mod, args, out, n=n: acc[n].add(args[0].detach())) for n, m in names])
+                        [m.register_forward_hook(lambda mod, args, out, n=n: acc[n].add(args[0].detach())) for n, m in hooked])
     sens = Sensitivity([sc.name for sc in schemes], [n for n, _ in names], {}, {}, tokens=int(ids.numel()))
+    if out_mod is not None:  # the head's own output error (its embedding use is not counted)
+        w = linear_weight(out_mod).detach().float()
+        H = acc.pop(HEAD).hessian.float()
+        for opt in HEAD_OPTIONS:
+            dw = quantize(w, _head_scheme(opt, linear_weight(out_mod).dtype)).dequantize() - w
+            sens.head[opt] = float(((dw @ H) * dw).sum() / 2)
+            sens.head_bytes[opt] = head_bytes(model, opt)
     for name, mod in tqdm(names, desc="proxy", unit="layer", disable=not progress):
         w = linear_weight(mod).detach().float()
         H = acc.pop(name).hessian.float()  # [in, in]
@@ -441,6 +545,7 @@ def rank_correlation(a: Sensitivity, b: Sensitivity) -> float:
     """Spearman's rho between two sensitivities over every (layer, scheme) both measured."""
     pairs = [(a.kld[n][s], b.kld[n][s]) for n in a.layers if n in b.kld for s in a.schemes
              if s in b.kld[n] and math.isfinite(a.kld[n][s]) and math.isfinite(b.kld[n][s])]
+    pairs += [(a.head[s], b.head[s]) for s in a.head if s in b.head]
     if len(pairs) < 3:
         raise QuantkitError("too few common measurements to correlate")
     x = torch.tensor([p[0] for p in pairs], dtype=torch.float64)

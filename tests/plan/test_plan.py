@@ -90,18 +90,34 @@ def test_plan_at_the_uniform_size_is_no_worse_than_uniform(tiny, ids, sens):
     from quantkit.evaluate.run import weights_bytes
 
     assert weights_bytes(qm) == plan.size_bytes
-    assert {qm.quantkit.layers[n] for n in plan.choice} <= {"int8", "int4-g32", "int2-g32"}
+    assert {qm.quantkit.layers[n] for n in plan.layer_choice()} <= {"int8", "int4-g32", "int2-g32"}
+    assert qm.quantkit.head["scheme"] == plan.head
+    pinned = plan_for_budget(tiny, sens, size, head="bf16")  # planning the head too can only help
+    assert pinned.head == "bf16" and plan.predicted_kld <= pinned.predicted_kld + 1e-12
+
+
+def test_head_damage_equals_storing_only_the_head_so(tiny, ids, sens):
+    from quantkit.plan import HEAD, head_bytes
+
+    assert set(sens.head) == {"bf16", "int8"} and sens.head["int8"] > sens.head["bf16"] >= 0
+    direct = _kl_whole_model(tiny, qk.quantize(tiny, make_config("fp32", head="int8"), progress=False), ids)
+    assert sens.head["int8"] == pytest.approx(direct, rel=1e-2, abs=1e-7)
+    assert sens.bytes(HEAD, "int8") == head_bytes(tiny, "int8") < head_bytes(tiny, "bf16")
+    # one table when tied: 256 x 64 int8 codes + one scale per row
+    assert head_bytes(tiny, "bf16") == 256 * 64 * 2
 
 
 def test_budget_below_the_smallest_size_is_refused_with_that_size(tiny, sens):
-    smallest = plan_size(tiny, {n: "int2-g32" for n in sens.layers}, "bf16")
-    with pytest.raises(SchemeError, match=f"{smallest:,} bytes"):
-        plan_for_budget(tiny, sens, smallest - 1)
+    for head, planned_head in (("bf16", "bf16"), (None, "int8")):
+        smallest = plan_size(tiny, {n: "int2-g32" for n in sens.layers}, planned_head)
+        with pytest.raises(SchemeError, match=f"{smallest:,} bytes"):
+            plan_for_budget(tiny, sens, smallest - 1, head=head)
+        assert plan_for_budget(tiny, sens, smallest, head=head).size_bytes == smallest
 
 
 def test_deterministic_for_a_seed(tiny, ids, sens):
     again = measure_sensitivity(tiny, ids, SCHEMES, batch_size=2, progress=False)
-    assert again.kld == sens.kld
+    assert again.kld == sens.kld and again.head == sens.head
     size = plan_size(tiny, {n: "int4-g32" for n in sens.layers}, "bf16")
     assert plan_for_budget(tiny, again, size).choice == plan_for_budget(tiny, sens, size).choice
 
@@ -133,6 +149,7 @@ def test_bad_budget_and_plan_files(tmp_path):
 def test_sensitivity_json_round_trip(sens):
     again = Sensitivity.from_dict(json.loads(json.dumps(sens.to_dict())))
     assert again.kld == sens.kld and again.shapes == sens.shapes
+    assert again.head == sens.head and again.head_bytes == sens.head_bytes and again.units() == sens.units()
 
 
 
