@@ -178,3 +178,12 @@ __all__ = [
     "Scheme", "QuantConfig", "Rule", "QuantizedWeight", "quantize_tensor", "dequantize", "storage_bytes",
     "GRAMMAR", "QuantkitError", "SchemeError", "SourceError", "DataError",
 ]
+
+
+def __getattr__(name):
+    # transformers integration, imported on first use (importing it registers "quantkit" with transformers)
+    if name in ("QuantkitConfig", "QuantkitHfQuantizer"):
+        from .io import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'quantkit' has no attribute {name!r}")

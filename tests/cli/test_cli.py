@@ -311,6 +311,27 @@ def test_export_errors_leave_nothing(capsys, tmp_path, tiny):
     assert "Q4_K_M" in capsys.readouterr().err
 
 
+def test_export_to_gptq_and_compressed_tensors_with_a_model_card(capsys, tmp_path, tiny, text_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = _json_out(capsys, ["export", tiny, "--to", "gptq", "--eval-text", text_file, "--eval-tokens", "64", "--ctx", "32",
+                             "--json"])
+    out = tmp_path / "model-GPTQ-4bit-32g"  # width 96: the largest group dividing every layer is 32
+    assert res["out"] == "model-GPTQ-4bit-32g" and res["scheme"] == "int4-g32-sym" and out.is_dir()
+    card = (out / "README.md").read_text()
+    assert "perplexity" in card and "quantkit export" in card and "groups of 32" in card
+    assert {"config.json", "model.safetensors", "quantize_config.json", "tokenizer.json"} <= set(_listing(out))
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    ck = tmp_path / "ck"
+    assert main(["quantize", str(tiny), "--scheme", "int8", "--out", str(ck)]) == 0
+    res = _json_out(capsys, ["export", ck, "--to", "compressed-tensors", "--out", tmp_path / "ct", "--json"])
+    assert res["scheme"] == "int8" and res["group_size"] == -1
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    run_error(capsys, ["export", ck, "--to", "gptq", "--scheme", "int4", "--out", tmp_path / "x"], "already quantized")
+    run_error(capsys, ["export", tiny, "--to", "gptq", "--scheme", "nf4", "--out", tmp_path / "y"], "integer")
+    run_error(capsys, ["export", tiny, "--out", tmp_path / "z"], "--gguf", "--to")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_quantize_w8a8_static_with_smoothquant(capsys, tmp_path, tiny, text_file):
     out = tmp_path / "w8a8"
     res = _json_out(capsys, ["quantize", tiny, "--scheme", "w8a8-static-percentile", "--smooth", "--calib", text_file,

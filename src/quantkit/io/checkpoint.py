@@ -126,7 +126,7 @@ def _meta_quantize(shape, scheme) -> QuantizedWeight:
     try:
         return quantize(torch.empty(shape, device="meta"), scheme)
     except Exception:  # a codec op without a meta kernel: build it for real (zeros are cheap)
-        return quantize(torch.zeros(shape), scheme)
+        return quantize(torch.zeros(shape, device="cpu"), scheme)
 
 
 def expected_weights_bytes(model: nn.Module, cfg: QuantConfig) -> int:
@@ -197,6 +197,63 @@ def _check_safetensors(path: Path) -> None:
         raise SourceError(f"{path} is truncated ({size} of {8 + n + end} bytes); copy or save it again")
 
 
+def quant_info(qc: dict) -> QuantInfo:
+    """The QuantInfo a saved `quantization_config` describes."""
+    return QuantInfo(QuantConfig.from_dict(qc["config"]), layers=dict(qc["layers"]), methods=dict(qc.get("methods", {})),
+                     head=dict(qc.get("head", {})), errors=dict(qc.get("errors", {})),
+                     fallbacks=dict(qc.get("fallbacks", {})))
+
+
+def install_quantized(model: nn.Module, info: QuantInfo, keys: set[str], get, dtype: torch.dtype) -> set[str]:
+    """Swap in the QuantLinear / QuantEmbedding modules `info` describes, built from stored
+    tensors: `keys` are the stored names, `get(name)` returns one. Returns the names used (the
+    caller assigns the rest: norms, biases of unquantized layers). Shared by `load_checkpoint`
+    and the transformers integration (io/hf.py)."""
+
+    def parts(prefix: str) -> dict[str, torch.Tensor]:
+        names = [k for k in keys if k.startswith(prefix + ".") and "." not in k[len(prefix) + 1:] and k != prefix + ".bias"]
+        return {k[len(prefix) + 1:]: get(k) for k in names}
+
+    used = set()
+    for name, scheme in info.layers.items():
+        mod = model.get_submodule(name)
+        shape = stored_shape(mod)
+        p = parts(name)
+        used.update(f"{name}.{k}" for k in p)
+        bias = get(f"{name}.bias") if f"{name}.bias" in keys else None
+        if bias is not None:
+            used.add(f"{name}.bias")
+        _set_module(model, name, QuantLinear(QuantizedWeight(parse_scheme(scheme), shape, p), bias))
+    head = info.head
+    if head:
+        hs = parse_scheme(head["scheme"])
+        emb_name, out_name, tied = head.get("embedding"), head.get("head"), head.get("tied")
+        if emb_name:
+            m = model.get_submodule(emb_name)
+            p = parts(emb_name)
+            used.update(f"{emb_name}.{k}" for k in p)
+            qe = QuantEmbedding(QuantizedWeight(hs, stored_shape(m), p), getattr(m, "padding_idx", None), out_dtype=dtype)
+            _set_module(model, emb_name, qe)
+            if tied and out_name:
+                _set_module(model, out_name, qe.linear)
+        if out_name and not tied:
+            m = model.get_submodule(out_name)
+            p = parts(out_name)
+            used.update(f"{out_name}.{k}" for k in p)
+            bias = get(f"{out_name}.bias") if f"{out_name}.bias" in keys else None
+            used.add(f"{out_name}.bias")
+            _set_module(model, out_name, QuantLinear(QuantizedWeight(hs, stored_shape(m), p), bias))
+    return used
+
+
+def stored_shape(mod: nn.Module) -> tuple[int, int]:
+    """[out, in] of a Linear/Conv1D, [num, dim] of an embedding, or a placeholder's `stored_shape`."""
+    if hasattr(mod, "stored_shape"):
+        return tuple(mod.stored_shape)
+    w = linear_weight(mod)
+    return tuple((w if w is not None else mod.weight).shape)
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
     """Rebuild a model saved by `save`: same modules, same kernels, identical logits."""
     from accelerate import init_empty_weights
@@ -215,45 +272,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         except ValueError:
             model = AutoModel.from_config(config, dtype=dtype)
-    cfg = QuantConfig.from_dict(qc["config"])
-    info = QuantInfo(cfg, layers=dict(qc["layers"]), methods=dict(qc.get("methods", {})), head=dict(qc.get("head", {})),
-                     errors=dict(qc.get("errors", {})), fallbacks=dict(qc.get("fallbacks", {})))
+    info = quant_info(qc)
     with safe_open(str(weights), framework="pt") as f:
         keys = set(f.keys())
-
-        def parts(prefix: str) -> dict[str, torch.Tensor]:
-            names = [k for k in keys if k.startswith(prefix + ".") and "." not in k[len(prefix) + 1:] and k != prefix + ".bias"]
-            return {k[len(prefix) + 1:]: f.get_tensor(k) for k in names}
-
-        used = set()
-        for name, scheme in info.layers.items():
-            mod = model.get_submodule(name)
-            shape = tuple(linear_weight(mod).shape)
-            p = parts(name)
-            used.update(f"{name}.{k}" for k in p)
-            bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in keys else None
-            if bias is not None:
-                used.add(f"{name}.bias")
-            _set_module(model, name, QuantLinear(QuantizedWeight(parse_scheme(scheme), shape, p), bias))
-        head = info.head
-        if head:
-            hs = parse_scheme(head["scheme"])
-            emb_name, out_name, tied = head.get("embedding"), head.get("head"), head.get("tied")
-            if emb_name:
-                m = model.get_submodule(emb_name)
-                p = parts(emb_name)
-                used.update(f"{emb_name}.{k}" for k in p)
-                qe = QuantEmbedding(QuantizedWeight(hs, tuple(m.weight.shape), p), m.padding_idx, out_dtype=dtype)
-                _set_module(model, emb_name, qe)
-                if tied and out_name:
-                    _set_module(model, out_name, qe.linear)
-            if out_name and not tied:
-                m = model.get_submodule(out_name)
-                p = parts(out_name)
-                used.update(f"{out_name}.{k}" for k in p)
-                bias = f.get_tensor(f"{out_name}.bias") if f"{out_name}.bias" in keys else None
-                used.add(f"{out_name}.bias")
-                _set_module(model, out_name, QuantLinear(QuantizedWeight(hs, tuple(linear_weight(m).shape), p), bias))
+        used = install_quantized(model, info, keys, f.get_tensor, dtype)
         rest = {k: f.get_tensor(k) for k in keys - used}
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
