@@ -109,11 +109,20 @@ def cmd_quantize(a):
         raise QuantkitError("give --scheme SCHEME or --plan plan.json")
     validate_config(cfg)
     if a.dry_run:
-        from .io.checkpoint import expected_weights_bytes
+        from .estimate import estimate_quantize
 
-        model, _ = load(a.model)
-        size = expected_weights_bytes(model, cfg)
-        print(json.dumps({"size_bytes": size}) if a.json else f"model.safetensors would be {size:,} bytes ({_mb(size)})")
+        model, tok = load(a.model)
+        ids = None
+        if needs_calibration(cfg):
+            from .data import calib_samples, calibration
+
+            calib_text = _text(a.calib, "calib") if a.calib else None
+            ids = (calib_samples(tok, calib_text, a.calib_samples, a.calib_len, a.seed) if calib_text is not None
+                   else calibration(tok, None, model, a.calib_samples, a.calib_len, a.seed))
+        est = estimate_quantize(model, cfg, ids, batch_size=a.batch_size)
+        print(json.dumps(est.to_dict()) if a.json else
+              f"model.safetensors would be {est.size_bytes:,} bytes ({_mb(est.size_bytes)}); estimated on this machine: "
+              f"quantization {est.seconds:.1f} s, peak memory {_mb(est.peak_rss_bytes)} (probe took {est.probe_seconds:.1f} s)")
         return
     out = Path(a.out)
     calib_text = _text(a.calib, "calib") if a.calib and needs_calibration(cfg) else None
@@ -511,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help=MODEL_HELP)
     q.add_argument("--scheme", help=f"one of: {GRAMMAR} (or --plan)")
     q.add_argument("--plan", help="per-layer schemes from quantkit plan (plan.json); --method overrides the plan's")
-    q.add_argument("--dry-run", action="store_true", help="print the exact size of the output and write nothing")
+    q.add_argument("--dry-run", action="store_true", help="print the exact size of the output and estimates of the "
+                                                           "quantization time and peak memory (from a short probe); write nothing")
     q.add_argument("--method", default=None, help="rtn (default), llm-int8 or gptq")
     q.add_argument("--head", default=None, choices=HEAD_CHOICES,
                    help="storage of embeddings and output head (default bf16; tied weights stay tied)")

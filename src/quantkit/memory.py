@@ -44,19 +44,39 @@ def release_file_pages(t) -> int:
     lo, hi = -(-start // page) * page, end // page * page
     if hi <= lo:
         return 0
+    if _file_mapping(lo, hi) is None:
+        return 0  # anonymous or shared-writable memory: leave it alone
     try:
-        for line in Path("/proc/self/maps").read_text().splitlines():
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return hi - lo if libc.madvise(lo, hi - lo, 4) == 0 else 0  # MADV_DONTNEED
+    except (OSError, AttributeError):
+        return 0
+
+
+def _file_mapping(lo: int, hi: int, maps: list | None = None) -> str | None:
+    """The file whose private or read-only mapping holds [lo, hi), else None (Linux)."""
+    try:
+        lines = maps if maps is not None else Path("/proc/self/maps").read_text().splitlines()
+        for line in lines:
             parts = line.split()
             a, b = (int(x, 16) for x in parts[0].split("-"))
             if a <= lo and hi <= b:
-                if len(parts) < 6 or not parts[5].startswith("/") or "w" in parts[1] and "p" not in parts[1]:
-                    return 0  # anonymous or shared-writable memory: leave it alone
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                return hi - lo if libc.madvise(lo, hi - lo, 4) == 0 else 0  # MADV_DONTNEED
-    except (OSError, ValueError, AttributeError):
-        return 0
-    return 0
+                if len(parts) < 6 or not parts[5].startswith("/") or ("w" in parts[1] and "p" not in parts[1]):
+                    return None
+                return parts[5]
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def file_backed(tensors) -> list[bool]:
+    """For each CPU tensor: does it live in a file mapping (a memory-mapped checkpoint)?"""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return [False] * len(tensors)
+    return [t.numel() > 0 and _file_mapping(t.data_ptr(), t.data_ptr() + 1, maps) is not None for t in tensors]
 
 
 def trim_heap() -> None:

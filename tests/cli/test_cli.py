@@ -400,6 +400,10 @@ def test_sensitivity_plan_and_quantize_with_the_plan(capsys, tmp_path, tiny, tex
     assert -1 <= res["rank_correlation"] <= 1 and len(res["proxy"]) == 14
     dry = _json_out(capsys, ["quantize", tiny, "--scheme", "int4-g32", "--out", tmp_path / "u", "--dry-run", "--json"])
     assert not (tmp_path / "u").exists()
+    assert dry["seconds"] > 0 and dry["peak_rss_bytes"] > 0 and dry["probe_seconds"] > 0
+    g = _json_out(capsys, ["quantize", tiny, "--scheme", "int4-g32", "--method", "gptq", "--calib", text_file,
+                           "--calib-samples", "2", "--calib-len", "16", "--out", tmp_path / "v", "--dry-run", "--json"])
+    assert g["size_bytes"] == dry["size_bytes"] and g["seconds"] > 0 and not (tmp_path / "v").exists()
     plan = tmp_path / "plan.json"
     p = _json_out(capsys, ["plan", tiny, *calib, "--sensitivity", sens, "--budget", f"{dry['size_bytes']}B",
                            "--out", plan, "--json"])
