@@ -425,12 +425,21 @@ def cmd_plan(a):
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     if a.budget is not None:
         budget = parse_budget(a.budget, n_params)
-        if a.dry_run:
-            print(f"smallest reachable size with {','.join(sens.schemes)}: {smallest_size(model, sens, head):,} bytes; "
-                  f"budget {budget:,} bytes")
-            return
         plan = plan_for_budget(model, sens, budget, head, a.method)
+        if a.dry_run:  # what `quantize --plan` would write and take; nothing is written
+            from .estimate import estimate_quantize
+
+            est = estimate_quantize(model, plan.config(), ids if a.method != "rtn" else None, batch_size=a.batch_size)
+            res = {"size_bytes": plan.size_bytes, "smallest_bytes": smallest_size(model, sens, head), "budget_bytes": budget,
+                   "counts": plan.counts(), "head": plan.head, "estimate": est.to_dict()}
+            print(json.dumps(res, indent=2) if a.json else
+                  f"the plan would be {plan.size_bytes:,} bytes (budget {budget:,}; smallest reachable "
+                  f"{res['smallest_bytes']:,}), layers {plan.counts()}, head {plan.head}; quantizing it: ~{est.seconds:.1f} s, "
+                  f"peak memory ~{_mb(est.peak_rss_bytes)} (probe {est.probe_seconds:.1f} s)")
+            return
     else:
+        if a.dry_run:
+            raise QuantkitError("--dry-run plans for a --budget; an accuracy target is found by measuring (no dry run)")
         ppl = None
         if a.max_ppl_increase is not None:
             ppl = float(a.max_ppl_increase.rstrip("%")) / (100 if a.max_ppl_increase.endswith("%") else 1)
@@ -651,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="method the plan is applied with")
     pl.add_argument("--head", default=None, choices=HEAD_CHOICES,
                     help="pin the storage of embeddings and output head (default: planned, bf16 or int8, with the layers)")
-    pl.add_argument("--dry-run", action="store_true", help="print the smallest reachable size and the budget, plan nothing")
+    pl.add_argument("--dry-run", action="store_true", help="with --budget: print the plan's exact size and the estimated time "
+                                                            "and peak memory of quantizing with it; write nothing")
     pl.add_argument("--out", default="plan.json", help="plan file (default plan.json)")
     pl.set_defaults(fn=cmd_plan)
     return p

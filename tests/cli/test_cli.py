@@ -408,6 +408,10 @@ def test_sensitivity_plan_and_quantize_with_the_plan(capsys, tmp_path, tiny, tex
     p = _json_out(capsys, ["plan", tiny, *calib, "--sensitivity", sens, "--budget", f"{dry['size_bytes']}B",
                            "--out", plan, "--json"])
     assert p["size_bytes"] <= dry["size_bytes"]
+    pd = _json_out(capsys, ["plan", tiny, *calib, "--sensitivity", sens, "--budget", f"{dry['size_bytes']}B",
+                            "--out", tmp_path / "dry.json", "--dry-run", "--json"])
+    assert pd["size_bytes"] == p["size_bytes"] and pd["estimate"]["size_bytes"] == p["size_bytes"]
+    assert not (tmp_path / "dry.json").exists()
     q = _json_out(capsys, ["quantize", tiny, "--plan", plan, "--out", tmp_path / "planned", "--json"])
     assert (tmp_path / "planned" / "model.safetensors").stat().st_size == p["size_bytes"] == q["size_bytes"]
     run_error(capsys, ["plan", tiny, *calib, "--sensitivity", sens, "--budget", "1kB", "--out", tmp_path / "x.json"],
