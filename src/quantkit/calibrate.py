@@ -23,6 +23,7 @@ from . import algorithms
 from .algorithms.hessian import HessianAccumulator
 from .arch import blocks_of, family_of
 from .errors import QuantkitError
+from .memory import trim_heap
 from .observers import make_observer
 from .pipeline import QuantInfo, linear_weight, swap_quantized
 from .scheme import QuantConfig, Scheme
@@ -194,6 +195,7 @@ def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qua
             for i, (h, kw) in enumerate(inputs):
                 inputs[i] = (_run(block, h, kw), kw)
                 del h
+        trim_heap()  # the block's Hessians and temporaries are freed: give the heap back (glibc keeps it)
     for name, (sc, _) in plans.items():  # layers kept in high precision are "done" too
         if name.startswith(fam.blocks + ".") and sc is None:
             done.add(name)
