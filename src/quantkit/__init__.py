@@ -2,7 +2,7 @@
 
     import quantkit as qk
     model, tok = qk.load("smollm2")                     # alias, HF folder, hub id or .gguf
-    qmodel = qk.quantize(model, "int4-g128")            # method="rtn" | "llm-int8"
+    qmodel = qk.quantize(model, "int4-g128")            # method="rtn" | "llm-int8" | "gptq"
     qk.save(qmodel, "out/", tok)                        # reload with qk.load("out/")
     qk.export_gguf(model, tok, "out.gguf", "Q4_K_M")    # a GGUF file llama.cpp runs
     print(qk.evaluate(qmodel, tok, text=qk.text("wiki.test.raw"), reference=model))

@@ -118,3 +118,15 @@ def test_gpt2_scores(tiny_gpt2, windows):
     result = score(tiny_gpt2, windows, reference=tiny_gpt2, progress=True)
     assert result["perplexity"] == pytest.approx(_reference_ppl(tiny_gpt2, windows), rel=1e-5)
     assert result["top1_agreement"] == 1.0
+
+
+def test_qk_evaluate_stays_callable_after_the_package_is_imported(monkeypatch):
+    """Importing quantkit.evaluate binds the package over the function qk.evaluate; both must answer calls."""
+    import quantkit as qk
+    import quantkit.evaluate.run as run
+
+    calls = []
+    monkeypatch.setattr(run, "evaluate_model", lambda *a, **k: calls.append((a, k)) or {"ok": True})
+    assert qk.evaluate("m", "t", text="x") == {"ok": True}
+    assert qk.evaluate("m", "t", text="y", max_tokens=5) == {"ok": True}  # the second call used to fail
+    assert calls[1][1]["text"] == "y" and calls[1][1]["max_tokens"] == 5

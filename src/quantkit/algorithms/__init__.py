@@ -17,6 +17,9 @@ from ..scheme import Scheme
 
 @dataclass(frozen=True)
 class Algorithm:
+    """A registered method: `fn` chooses the values, `needs` the statistics it takes, `kinds`
+    the scheme kinds it can produce (empty: all)."""
+
     name: str
     fn: Callable[[torch.Tensor, Scheme, dict], QuantizedWeight]
     needs: frozenset = frozenset()
@@ -37,6 +40,7 @@ def register(alg: Algorithm) -> Algorithm:
 
 
 def get(name: str) -> Algorithm:
+    """The method registered as `name`; SchemeError listing the valid names otherwise."""
     if name not in ALGORITHMS:
         raise SchemeError(f"unknown method {name!r}; valid: {', '.join(sorted(ALGORITHMS))}")
     return ALGORITHMS[name]

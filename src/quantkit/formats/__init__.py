@@ -20,6 +20,7 @@ def quantize(w: torch.Tensor, scheme: "Scheme | str") -> QuantizedWeight:
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight [out, in] a `QuantizedWeight` stands for, exactly what the kernels compute."""
     return qw.dequantize(dtype)
 
 

@@ -36,6 +36,8 @@ class QuantizedWeight:
 
 
 class Codec(Protocol):
+    """What a format registers in `FORMATS`: quantize, dequantize, exact storage size."""
+
     kind: str
 
     def quantize(self, w: torch.Tensor, scheme: Scheme) -> QuantizedWeight: ...
