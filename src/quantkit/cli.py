@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--no-speed", action="store_true", help="skip decode timing")
         _smooth_arg(_calibration_args(c, gptq=False))
         c.add_argument("--report", default=None if name == "compare" else "reports/demo",
-                       help="folder for report.md, results.json and PNG plots")
+                       help="folder for report.md, report.html (self-contained), results.json and PNG plots")
         c.add_argument("--json", action="store_true")
         c.set_defaults(fn=cmd_demo if name == "demo" else cmd_compare)
     t = sub.add_parser("qat", help="quantization-aware training: fake-quantize, train on text, convert, save",

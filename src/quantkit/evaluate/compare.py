@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import re
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -128,9 +129,10 @@ def _write(report_dir, result, hist, layer, errors) -> Path:
     if lossy:  # per-layer weight error of the scheme with the largest total error
         worst = max(lossy, key=lambda k: sum(lossy[k].values()))
         p = report_dir / "layer_error.png"
-        plot_layer_error(lossy[worst], p, title=f"relative weight error per layer, {worst}")
+        natural = sorted(lossy[worst], key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+        plot_layer_error({n: lossy[worst][n] for n in natural}, p, title=f"relative weight error per layer, {worst}")
         plots[f"Per-layer error ({worst})"] = p
     p = report_dir / "size_vs_quality.png"
     plot_size_vs_perplexity(result["rows"], p)
     plots["Size vs quality"] = p
-    return write_report(report_dir, result["rows"], result["generations"], plots, result["meta"])
+    return write_report(report_dir, result["rows"], result["generations"], plots, result["meta"], html=True)

@@ -83,6 +83,12 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to `final_path` (the file does not exist yet).
@@ -122,6 +128,7 @@ def atomic_file(final_path: str | os.PathLike, mode: str = "wb", encoding: str |
     fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.tmp-")
     tmp = Path(name)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the permissions open() would give
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
