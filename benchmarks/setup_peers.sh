@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# A separate environment (.venv-peers) with quantkit + the peers that benchmarks/peer_models.py builds:
+# torchao, HQQ, optimum-quanto, ONNX Runtime (+ onnx/onnxscript: torch.onnx's exporter makes the graph
+# with its KV cache, since optimum-onnx pins transformers<4.58 and quantkit needs transformers>=5),
+# bitsandbytes (its CPU backend) and llama-cpp-python (built from source; pip's wheel cache makes a
+# rebuild instant, else about 10-15 minutes on 2 cores). Versions are pinned to releases that work with
+# the CPU build of torch 2.13.0; every install is constrained by constraints.txt so torch stays that build.
+#   bash benchmarks/setup_peers.sh && .venv-peers/bin/python benchmarks/peers.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv-peers/bin/python ] || "$python" -m venv .venv-peers
+PIP=(.venv-peers/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
+# torch first, so that resolving the rest never pulls a CUDA build
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e ".[peers]"
+# CPU build; GGML_NATIVE uses this machine's instruction set. -j2 keeps memory modest.
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+  "${PIP[@]}" "llama-cpp-python==0.3.36"
+.venv-peers/bin/python - <<'PY'
+from importlib.metadata import version
+import torch
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+import bitsandbytes, hqq, llama_cpp, onnxruntime, onnxscript, optimum.quanto, quantkit, torchao  # noqa: F401
+print(" ".join(f"{p}=={version(p)}" for p in ("torch", "torchao", "hqq", "optimum-quanto", "onnxruntime", "onnx",
+                                            "onnxscript", "bitsandbytes", "llama_cpp_python", "transformers")))
+PY
