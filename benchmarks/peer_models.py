@@ -478,12 +478,21 @@ class OrtRunner(Runner):
 
         d = src.work / "onnx"
         d.mkdir(parents=True, exist_ok=True)
-        shared = src.work.parent / "onnx-fp32"  # the float graph is exported once per run, shared by the ORT rows
-        shared.mkdir(parents=True, exist_ok=True)
+        # the float graph is exported once and cached beside the float folder (a conversion of the source,
+        # like the folder itself), shared by the ORT rows and later runs
+        shared = src.hf_dir.parent / f"{src.hf_dir.name}-onnx"
         fp32 = shared / "model.onnx"
-        if not fp32.exists():
+        if not fp32.exists():  # exported into a temporary folder renamed at the end: never half a graph
+            import shutil
+
             t0 = time.perf_counter()
-            export_onnx_kv(src, fp32)
+            tmp = Path(tempfile.mkdtemp(dir=shared.parent, prefix=shared.name + ".tmp-"))
+            try:
+                export_onnx_kv(src, tmp / "model.onnx")
+                shutil.rmtree(shared, ignore_errors=True)
+                tmp.rename(shared)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             self.export_s = time.perf_counter() - t0
         out = d / f"model-int8-{mode}.onnx"
         cfg = _config(src)

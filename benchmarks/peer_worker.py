@@ -10,9 +10,9 @@ Every row is measured by this same code, whatever library made it:
 - memory: resident set after the model is built and the heap trimmed, minus the resident set just
   before building (libraries already imported);
 - perplexity, KL divergence and top-1 agreement against the reference, on the same token ids;
-- prefill tokens/s: one forward of the first window's tokens [1, ctx] into a fresh KV cache, best of 3;
+- prefill tokens/s: one forward of the first window's tokens [1, ctx] into a fresh KV cache, best of `repeats`;
 - decode tokens/s: greedy decoding with a KV cache at batch 1, ``decode_tokens`` steps timed after an
-  untimed prefill, best of 3 after a warm-up run;
+  untimed prefill, best of `repeats` after a warm-up run;
 - a greedy continuation of the prompt, for the generations side by side.
 """
 from __future__ import annotations
@@ -100,10 +100,10 @@ def measure(row: str, spec: dict, save_ref: bool) -> dict:
 
     prefill_ids = windows[:1]
     runner.prefill(prefill_ids)  # warm-up
-    prefill = min(runner.prefill(prefill_ids) for _ in range(3))
+    prefill = min(runner.prefill(prefill_ids) for _ in range(spec.get("repeats", 3)))
     steps = spec["decode_tokens"]
     runner.decode(prompt, 8)  # warm-up
-    decode = min(runner.decode(prompt, steps) for _ in range(3))
+    decode = min(runner.decode(prompt, steps) for _ in range(spec.get("repeats", 3)))
     gen = runner.greedy(prompt, spec["gen_tokens"])
     return {
         "row": row, "label": runner.label, "library": runner.library, "notes": runner.notes,

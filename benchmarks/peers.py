@@ -1,7 +1,7 @@
 """quantkit beside its peers on one model, one text and one machine, in one run.
 
     bash benchmarks/setup_peers.sh            # once: the peers in their own environment, .venv-peers
-    python benchmarks/peers.py [--rows ...] [--tokens 8192] [--report reports/peers]
+    python benchmarks/peers.py [--rows ...] [--tokens 4096] [--report reports/peers]
 
 Every row (quantkit's schemes and each peer's) runs in its own fresh process
 (benchmarks/peer_worker.py): the peers in .venv-peers, quantkit and plain torch in this
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +38,11 @@ PROMPT = "The history of the city of Paris"
 HERE = ("fp32", "bf16", "torch-dynamic-int8")
 QUANTKIT_ROWS = ["quantkit-int8", "quantkit-int8-head-int8", "quantkit-int4-g128",
                  "quantkit-mixed-gptq@llamacpp-Q4_K_M", "quantkit-mixed-gptq@llamacpp-Q4_0"]
-PEER_ROWS = ["torch-dynamic-int8", "torchao-int8-wo", "torchao-int4-wo-g128", "torchao-int4-wo-g64", "hqq-4bit-g64",
-             "quanto-int8", "quanto-int4", "ort-int8-dynamic", "ort-int8-static", "bitsandbytes-nf4",
-             "bitsandbytes-int8", "llamacpp-Q8_0", "llamacpp-Q4_K_M", "llamacpp-Q4_0"]
+# more rows (--rows): bf16, torchao-int4-wo-g128 (torchao skips every Linear whose width 128 does not divide:
+# only down_proj is quantized), torchao-int8-dyn, hqq-8bit-g128, bitsandbytes-int8
+PEER_ROWS = ["torch-dynamic-int8", "torchao-int8-wo", "torchao-int4-wo-g64", "hqq-4bit-g64", "quanto-int8",
+             "quanto-int4", "ort-int8-dynamic", "ort-int8-static", "bitsandbytes-nf4", "llamacpp-Q8_0",
+             "llamacpp-Q4_K_M", "llamacpp-Q4_0"]
 PY_LEVEL = ("torch", "torchao", "quanto", "optimum-quanto", "hqq")  # "Python-level" peers of the acceptance
 HF_FOLDER = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit")) / "smollm2-fp32-hf"
 
@@ -148,49 +151,87 @@ def verdicts(results: list[dict]) -> list[str]:
     return out
 
 
-def report(results: list[dict], spec: dict, folder: Path, body: str, gens: dict[str, str]) -> Path:
+def short(r: dict) -> tuple[str, str]:
+    """(library, configuration) for the report's narrow table: 'torchao 0.18.0', 'int8 weight-only'."""
+    library = r["library"].split(" (")[0]
+    fam = family(r)
+    label = r["label"]
+    for prefix in (fam + " ", "torch ", "ONNX Runtime ", "optimum-quanto ", "quanto ", "bitsandbytes "):
+        if label.startswith(prefix):
+            label = label[len(prefix):]
+            break
+    return library, label
+
+
+def report(results: list[dict], spec: dict, folder: Path, findings: str, gens: dict[str, str]) -> Path:
     """report.md + self-contained report.html (quantkit.report): the table, the size-vs-perplexity
-    front per library, the findings and the generations side by side."""
+    chart per library, the findings and the generations side by side."""
     from quantkit import report as rep
 
     folder.mkdir(parents=True, exist_ok=True)
     series: dict[str, list] = {}
     for r in results:
         if "perplexity" in r and r["row"] not in ("fp32", "bf16"):
-            series.setdefault(family(r), []).append((r["size_bytes"], r["perplexity"], r["label"].split(" ", 1)[-1]))
-    front = rep.plot_fronts(series, folder / "front.png", title="size vs perplexity, SmolLM2-135M (fp32 "
-                            f"{next(r['perplexity'] for r in results if r['row'] == 'fp32'):.2f})",
-                            xlabel="size MB (as the library stores the model)")
-    rows = [{"scheme": r["label"], "library": r["library"], "bpw": 8 * r["size_bytes"] / spec["n_params"],
-             "perplexity": r["perplexity"], "kl_divergence": r["kl_divergence"], "top1_agreement": r["top1_agreement"],
-             "size_bytes": r["size_bytes"], "memory_bytes": r["memory_bytes"],
-             "decode_tokens_per_s": r["decode_tokens_per_s"]} for r in results if "perplexity" in r]
+            series.setdefault(family(r), []).append((r["size_bytes"], r["perplexity"], short(r)[1]))
+    fp32 = next(r["perplexity"] for r in results if r["row"] == "fp32")
+    front = rep.plot_fronts(series, folder / "front.png", title="size vs perplexity, SmolLM2-135M",
+                            xlabel="size MB (as the library stores the model)", lines=False, logy=True,
+                            reference=fp32)
+    rows = []
+    for r in results:
+        if "perplexity" in r:
+            library, label = short(r)
+            rows.append({"scheme": label, "library": library, "bpw": 8 * r["size_bytes"] / spec["n_params"],
+                         "perplexity": r["perplexity"], "kl_divergence": r["kl_divergence"],
+                         "top1_agreement": r["top1_agreement"], "size_bytes": r["size_bytes"],
+                         "memory_bytes": r["memory_bytes"], "decode_tokens_per_s": r["decode_tokens_per_s"]})
     meta = {"title": "quantkit and its peers — SmolLM2-135M", "model": "smollm2 (SmolLM2-135M-Instruct)",
             "text": f"WikiText-2 test split, its start: {results[0].get('tokens', 0)} scored tokens, windows of "
                     f"{spec['ctx']}",
-            "machine": machine(), "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]), "prompt": PROMPT}
+            "machine": spec.get("machine") or machine(), "command": spec.get("command", ""), "prompt": PROMPT}
+    if spec.get("date"):
+        meta["date"] = spec["date"]
     return rep.write_report(folder, rows, gens, {"Size vs perplexity": front}, meta, html=True,
-                            sections=[("Findings", body)])
+                            sections=[("Findings", findings)])
+
+
+def generations(results: list[dict], tok_dir: str) -> dict[str, str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    return {r["label"]: tok.decode(r["generation_ids"]).strip() for r in results if "generation_ids" in r}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default=",".join(["fp32", "bf16"] + QUANTKIT_ROWS + PEER_ROWS),
+    ap.add_argument("--rows", default=",".join(["fp32"] + QUANTKIT_ROWS + PEER_ROWS),
                     help="comma-separated row keys (benchmarks/peer_models.py BUILDERS); fp32 always runs first")
-    ap.add_argument("--tokens", type=int, default=8192, help="evaluation tokens from the start of the text")
+    ap.add_argument("--tokens", type=int, default=4096,
+                    help="evaluation tokens from the start of the text (4096 keeps the default run under 30 minutes "
+                         "on 2 cores: the bf16 peers prefill slowly on CPUs without native bf16)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="timed prefill and decode runs per row (the best counts)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("QUANTKIT_THREADS", os.cpu_count() or 2)))
     ap.add_argument("--report", default=str(ROOT / "reports" / "peers"))
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--rerender", metavar="RESULTS_JSON",
+                    help="rebuild the report (--report) from an earlier run's results.raw.json; measures nothing")
     a = ap.parse_args()
+    if a.rerender:
+        saved = json.loads(Path(a.rerender).read_text())
+        md = report(saved["results"], saved["spec"], Path(a.report), saved["findings"],
+                    generations(saved["results"], saved["spec"]["tok_dir"]))
+        print(f"report: {md}")
+        return
     rows = [r for r in a.rows.split(",") if r and r != "fp32"]
     rows = ["fp32"] + [r for r in rows if "@" not in r] + [r for r in rows if "@" in r]  # matched rows after their peer
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qk-peers-") as work:
         work = Path(work)
         spec = sources(work, a.tokens, a.ctx)
-        spec.update(work=str(work), ctx=a.ctx, threads=a.threads, decode_tokens=a.decode_tokens, gen_tokens=24)
+        spec.update(work=str(work), ctx=a.ctx, threads=a.threads, decode_tokens=a.decode_tokens, gen_tokens=24,
+                    repeats=a.repeats)
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec))
         results = []
@@ -208,18 +249,14 @@ def main() -> None:
             print(row, json.dumps(brief), flush=True)
             if row == "fp32" and "perplexity" not in res:
                 raise SystemExit(f"the fp32 reference row failed: {res}")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(spec["tok_dir"])
-    gens = {r["label"]: tok.decode(r["generation_ids"]).strip() for r in results if "generation_ids" in r}
+    gens = generations(results, spec["tok_dir"])
     missing = [r for r in results if "perplexity" not in r]
-    body = [table(results, spec["n_params"]), ""]
-    body.append(f"Perplexity, KLD and top-1 on the first {a.tokens} tokens of the WikiText-2 test text, windows of "
-                f"{a.ctx}, the same token ids for every row (llama.cpp is fed them directly); KLD and top-1 against the "
-                f"fp32 row. Decode: greedy, batch 1, KV cache, {a.decode_tokens} tokens after a {len(spec['prompt_ids'])}-token "
-                f"prompt, best of 3. Size: the model as its library stores it (bits/weight = size × 8 / "
-                f"{spec['n_params'] / 1e6:.1f} M parameters). Memory: resident set added by building the model. Each row ran "
-                f"in its own process; total wall time {(time.perf_counter() - t_start) / 60:.1f} min.")
+    body = [f"Perplexity, KLD and top-1 on the first {a.tokens} tokens of the WikiText-2 test text, windows of "
+            f"{a.ctx}, the same token ids for every row (llama.cpp is fed them directly); KLD and top-1 against the "
+            f"fp32 row. Decode: greedy, batch 1, KV cache, {a.decode_tokens} tokens after a {len(spec['prompt_ids'])}-token "
+            f"prompt, best of {spec['repeats']}. Size: the model as its library stores it (bits/weight = size × 8 / "
+            f"{spec['n_params'] / 1e6:.1f} M parameters). Memory: resident set added by building the model. Each row ran "
+            f"in its own process; total wall time {(time.perf_counter() - t_start) / 60:.1f} min."]
     if missing:
         body += ["", "Could not run here:", ""]
         body += [f"- `{r['row']}`: {r.get('unavailable') or r.get('error')}" for r in missing]
@@ -227,11 +264,16 @@ def main() -> None:
     notes = [f"- {r['label']}: {r['notes']}" for r in results if r.get("notes")]
     if notes:
         body += ["", "Configurations:", ""] + notes
-    text = "\n".join(body)
+    findings = "\n".join(body)
+    text = table(results, spec["n_params"]) + "\n\n" + findings
     print(text)
-    (Path(a.report)).mkdir(parents=True, exist_ok=True)
-    (Path(a.report) / "results.raw.json").write_text(json.dumps(results, indent=1))
-    md = report(results, spec, Path(a.report), text, gens)
+    folder = Path(a.report)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec.update(machine=machine(), command="python " + " ".join([sys.argv[0]] + sys.argv[1:]),
+                date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    (folder / "results.raw.json").write_text(json.dumps({"spec": spec, "results": results, "findings": findings},
+                                                        indent=1))
+    md = report(results, spec, folder, findings, gens)
     print(f"report: {md}")
     if not a.no_write:
         write_section("peers", f"quantkit and its peers on SmolLM2-135M (first {a.tokens} tokens of the evaluation text)",

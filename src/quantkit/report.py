@@ -406,24 +406,42 @@ def sensitivity_heatmap(sens, folder: str | Path) -> Path:
 
 
 def plot_fronts(series: dict[str, list[tuple[float, float, str]]], path: str | Path, ylabel: str = "perplexity",
-                title: str | None = None, xlabel: str = "size MB (model.safetensors)") -> Path:
+                title: str | None = None, xlabel: str = "size MB (model.safetensors)", lines: bool | set = True,
+                logy: bool = False, reference: float | None = None) -> Path:
     """Size (MB) against a quality metric for several series (e.g. uniform schemes vs planned
-    mixes): each series is a list of (size_bytes, value, label) points, drawn as a line."""
-    fig = Figure(figsize=(7, 4.5))
+    mixes): each series is a list of (size_bytes, value, label) points, drawn as a line (``lines``
+    True, or the set of series names drawn as lines; the others are points). ``reference``: a
+    horizontal dashed line (e.g. the float model's perplexity); ``logy``: logarithmic y axis."""
+    fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
+    markers = "os^Dv<>PX*h"
     for i, (name, pts) in enumerate(series.items()):
         pts = sorted(p for p in pts if math.isfinite(p[1]))
         if not pts:
             continue
         xs = [p[0] / 1e6 for p in pts]
         ys = [p[1] for p in pts]
-        ax.plot(xs, ys, marker="o", color=f"C{i}", label=name)
+        joined = lines is True or (isinstance(lines, set) and name in lines)
+        ax.plot(xs, ys, marker=markers[i % len(markers)], color=f"C{i}", label=name,
+                linestyle="-" if joined else "none", markersize=6)
         for x, y, (_, _, label) in zip(xs, ys, pts):
             if label:
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small",
+                            color=f"C{i}")
+    if reference is not None:
+        ax.axhline(reference, color="0.4", linestyle="--", linewidth=1)
+        ax.annotate("float reference", (ax.get_xlim()[1], reference), textcoords="offset points", xytext=(-4, 3),
+                    ha="right", fontsize="x-small", color="0.4")
+    if logy:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title(title or f"size vs {ylabel}")
     return _save(fig, path)
@@ -544,7 +562,7 @@ _CSS = """
 :root { color-scheme: light; }
 body { margin: 0; background: #fff; color: #1f2328;
   font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1100px; margin: 0 auto; padding: 20px 32px 48px; }
+main { max-width: 1240px; margin: 0 auto; padding: 20px 32px 48px; }
 h1 { font-size: 1.7em; margin: .3em 0 .4em; }
 h2 { font-size: 1.3em; margin: 1.8em 0 .6em; padding-bottom: .2em; border-bottom: 1px solid #d0d7de; }
 h3 { font-size: 1.05em; margin: 1.3em 0 .5em; }
@@ -552,7 +570,7 @@ nav { color: #57606a; margin-bottom: 1em; }
 nav a { color: #0969da; text-decoration: none; margin-right: 1em; }
 code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; font-size: .88em; }
 pre { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; }
-table { border-collapse: collapse; }
+table { border-collapse: collapse; display: block; max-width: 100%; overflow-x: auto; }
 th, td { padding: 4px 10px; text-align: left; vertical-align: top; border-bottom: 1px solid #d8dee4; }
 thead th { background: #eef1f4; border-bottom: 2px solid #afb8c1; white-space: nowrap; }
 tbody tr:nth-child(even) { background: #f6f8fa; }

@@ -126,3 +126,14 @@ def test_write_report(tmp_path):
     assert results["generations"] == generations
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plots", "report.md", "results.json"]
     assert not math.isnan(results["rows"][0]["perplexity"])
+
+
+def test_plot_fronts_points_lines_log_axis_and_reference(tmp_path):
+    """Series drawn as lines or as points, a log y axis and a reference line: a real PNG comes out."""
+    from quantkit.report import plot_fronts
+
+    series = {"quantkit": [(105e6, 31.2, "mixed"), (163e6, 30.1, "int8")],
+              "peer": [(132e6, 46.0, "int4"), (248e6, 100.7, "dyn int8"), (150e6, float("nan"), "skipped")]}
+    for kw in ({"lines": True}, {"lines": {"quantkit"}, "logy": True, "reference": 30.15}, {"lines": False}):
+        p = plot_fronts(series, tmp_path / f"front-{len(kw)}.png", xlabel="size MB (as stored)", **kw)
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
