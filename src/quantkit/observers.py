@@ -13,9 +13,10 @@ dimension, e.g. 0 for the output rows of a weight, -1 for the features of an act
     entropy      the range whose quantized histogram has the least KL divergence from the
                  float histogram (TensorRT's calibration, Migacz 2017)
 
-The histogram observers keep a signed histogram over [-R, R] (2048 bins by default). When a
-batch exceeds R, R doubles and pairs of bins merge, which is exact, so the histogram never
-has to be rebuilt and the order of batches does not matter beyond where R ends up.
+The histogram observers keep a signed histogram over [-R, R] (65,536 bins per tensor, 2,048 per
+channel by default). When a batch exceeds R, R doubles and pairs of bins merge, which is exact,
+so the histogram never has to be rebuilt and the order of batches does not matter beyond where
+R ends up.
 
 Quantization conventions (the same as formats/integer.py for weights):
 symmetric: s = max(|lo|, |hi|) / (2^(b-1) - 1), z = 0, codes in [-(2^(b-1)-1), 2^(b-1)-1];
