@@ -53,37 +53,28 @@ class Runner:
     notes: str = ""            # configuration details shown in the table (activation dtype, group size, ...)
     model: torch.nn.Module | None = None
 
-    def _forward(self, ids: torch.Tensor, cache=None):
-        return self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None)
-
-    def _cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
     @torch.inference_mode()
     def log_probs(self, window: torch.Tensor) -> torch.Tensor:
-        logits = self._forward(window[None, :-1]).logits[0]
-        return torch.log_softmax(logits.float(), dim=-1)
+        from quantkit.evaluate.quality import _log_probs  # the loop `quantkit eval` scores with
+
+        return _log_probs(self.model, window)
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> float:
+        from quantkit.evaluate.speed import _new_cache
+
+        cache = _new_cache(self.model)
         t0 = time.perf_counter()
-        self._forward(ids, self._cache())
+        self.model(input_ids=ids, past_key_values=cache, use_cache=True)
         return time.perf_counter() - t0
 
     @torch.inference_mode()
     def _greedy(self, prompt: torch.Tensor, steps: int) -> tuple[list[int], float]:
-        cache = self._cache()
-        out = self._forward(prompt, cache)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        toks = [int(tok)]
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            out = self._forward(tok, cache)
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            toks.append(int(tok))
-        return toks, time.perf_counter() - t0
+        from quantkit.evaluate.speed import _greedy  # the decode loop `quantkit eval --speed` times
+
+        self.model.eval()
+        tokens, seconds = _greedy(self.model, prompt, steps)
+        return tokens.tolist(), seconds
 
     def decode(self, prompt: torch.Tensor, steps: int) -> float:
         return self._greedy(prompt, steps)[1]
@@ -153,9 +144,7 @@ class QuantkitPlanRunner(QuantkitRunner):
         ids = sample(tok, src.calib_text, calib_samples, 512, 0)
         sens = proxy_sensitivity(model, ids[: min(8, calib_samples)], schemes, progress=False)
         plan = plan_for_budget(model, sens, src.budget, None, method)
-        layers = list(plan.layer_choice().values())
-        model = qk.quantize(model, scheme=max(layers, key=layers.count), method=method, head=plan.head,
-                            rules=plan.rules(), calib=ids if method != "rtn" else None, progress=False)
+        model = qk.quantize(model, plan.config(), calib=ids if method != "rtn" else None, progress=False)
         self.quantize_s = time.perf_counter() - t0
         out = src.work / "quantkit"
         qk.save(model, out, tok)

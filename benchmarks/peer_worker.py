@@ -32,29 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peer_models import PeerUnavailable, Source, builder  # noqa: E402
 
-
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def trim() -> None:
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+from quantkit.memory import rss_bytes, trim_heap  # noqa: E402
 
 
 def measure(row: str, spec: dict, save_ref: bool) -> dict:
@@ -66,13 +44,15 @@ def measure(row: str, spec: dict, save_ref: bool) -> dict:
     prompt = torch.tensor([spec["prompt_ids"]], dtype=torch.long)
     import transformers  # noqa: F401  (imported before the baseline so its size is not the model's)
 
-    trim()
-    before = rss()
+    gc.collect()
+    trim_heap()
+    before = rss_bytes(peak=False)
     t0 = time.perf_counter()
     runner = builder(row)(src)
     build_s = time.perf_counter() - t0
-    trim()
-    memory = rss() - before
+    gc.collect()
+    trim_heap()
+    memory = rss_bytes(peak=False) - before
 
     n, ctx = windows.shape
     ref = None if save_ref else np.load(spec["ref"], mmap_mode="r")
@@ -107,7 +87,7 @@ def measure(row: str, spec: dict, save_ref: bool) -> dict:
     gen = runner.greedy(prompt, spec["gen_tokens"])
     return {
         "row": row, "label": runner.label, "library": runner.library, "notes": runner.notes,
-        "size_bytes": int(runner.size_bytes), "memory_bytes": int(memory), "peak_rss_bytes": peak_rss(),
+        "size_bytes": int(runner.size_bytes), "memory_bytes": int(memory), "peak_rss_bytes": rss_bytes(peak=True),
         "quantize_s": runner.quantize_s, "build_s": build_s, "eval_s": eval_s, "tokens": tokens,
         "perplexity": float(np.exp(nll / tokens)),
         "kl_divergence": None if save_ref else kl / tokens,

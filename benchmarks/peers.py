@@ -219,13 +219,26 @@ def main() -> None:
                     help="rebuild the report (--report) from an earlier run's results.raw.json; measures nothing")
     a = ap.parse_args()
     if a.rerender:
-        saved = json.loads(Path(a.rerender).read_text())
+        try:
+            saved = json.loads(Path(a.rerender).read_text())
+            saved["spec"], saved["results"], saved["findings"]  # noqa: B018 (the keys a run writes)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--rerender needs the results.raw.json a run of this script wrote: {e}") from None
         md = report(saved["results"], saved["spec"], Path(a.report), saved["findings"],
                     generations(saved["results"], saved["spec"]["tok_dir"]))
         print(f"report: {md}")
         return
     rows = [r for r in a.rows.split(",") if r and r != "fp32"]
     rows = ["fp32"] + [r for r in rows if "@" not in r] + [r for r in rows if "@" in r]  # matched rows after their peer
+    from peer_models import builder
+
+    for row in rows:  # refuse unknown keys before any work
+        try:
+            builder(row)
+        except KeyError as e:
+            raise SystemExit(e.args[0]) from None
+        if "@" in row and row.split("@", 1)[1] not in rows:
+            raise SystemExit(f"{row} plans for the size of row {row.split('@', 1)[1]!r}: add that row to --rows")
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qk-peers-") as work:
         work = Path(work)
@@ -236,7 +249,8 @@ def main() -> None:
         spec_path.write_text(json.dumps(spec))
         results = []
         spec["budgets"] = {}
-        for row in rows:
+        for k, row in enumerate(rows, 1):
+            print(f"[{k}/{len(rows)}] {row} ...", file=sys.stderr, flush=True)
             if "@" in row:  # quantkit planned for the size the named peer row measured
                 peer = next((r for r in results if r["row"] == row.split("@", 1)[1]), {})
                 spec["budgets"][row] = peer.get("size_bytes")
