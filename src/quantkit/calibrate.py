@@ -185,11 +185,12 @@ def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qua
             cols = {rel: _collectors(sc, m) for rel, sc, m in todo}
             _observe(block, inputs, {rel: list(c.values()) for rel, c in cols.items()})
             for rel, scheme, method in todo:
-                stats = {k: c.result() for k, c in cols[rel].items()}
+                stats = {k: c.result() for k, c in cols.pop(rel).items()}  # popped: freed once used
                 if "hessian" in stats:
                     stats["gptq"] = gopts
                 swap_quantized(model, prefix + rel, block.get_submodule(rel), scheme, method, stats, info)
                 done.add(prefix + rel)
+                del stats  # this layer's Hessian goes now, not with the group's last layer
             del cols
         with torch.no_grad():  # in place, batch by batch: one set of activations alive, not two
             for i, (h, kw) in enumerate(inputs):

@@ -22,7 +22,7 @@ from .errors import SchemeError
 from .formats import QuantizedWeight, quantize
 from .formats.integer import with_act_range
 from .nn import QuantEmbedding, QuantLinear
-from .scheme import QuantConfig, Scheme, parse_scheme
+from .scheme import PER_TENSOR, QuantConfig, Scheme, parse_scheme
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, pr
                         "time (w8a8-dynamic) instead of %s", name, scheme.name)
             scheme = parse_scheme("w8a8-dynamic")
         swap_quantized(model, name, mod, scheme, method, {}, info)
-    _quantize_head(model, cfg, info, emb_name, out_name, tied)
+    _quantize_head(model, cfg, info, emb_name, out_name, tied, from_file=loader is not None)
     model.quantkit = info
     return model
 
@@ -179,8 +179,9 @@ def relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
     return float((w - qw.dequantize()).norm() / w.norm().clamp(min=1e-12))
 
 
-def _quantize_head(model, cfg: QuantConfig, info: QuantInfo, emb_name, out_name, tied) -> None:
-    """Store the embedding table and output head as `cfg.head` (16-bit by default)."""
+def _quantize_head(model, cfg: QuantConfig, info: QuantInfo, emb_name, out_name, tied, from_file=False) -> None:
+    """Store the embedding table and output head as `cfg.head` (16-bit by default). `from_file`:
+    a streamed model's table/head may still be views of the memory-mapped float file."""
     emb = model.get_submodule(emb_name) if emb_name else None
     out = model.get_submodule(out_name) if out_name else None
     ref = emb if emb is not None else out
@@ -189,7 +190,7 @@ def _quantize_head(model, cfg: QuantConfig, info: QuantInfo, emb_name, out_name,
     scheme = _head_scheme(cfg.head, ref.weight.dtype)
     info.head = {"embedding": emb_name, "head": out_name, "tied": tied, "scheme": scheme.name}
     if emb is not None and isinstance(emb, nn.Embedding):
-        qe = QuantEmbedding(quantize(emb.weight.detach().float(), scheme), emb.padding_idx,
+        qe = QuantEmbedding(quantize_table(emb.weight.detach().float(), scheme, from_file), emb.padding_idx,
                             out_dtype=emb.weight.dtype if emb.weight.is_floating_point() else torch.float32)
         _set_module(model, emb_name, qe)
         if tied and out is not None:
@@ -197,7 +198,44 @@ def _quantize_head(model, cfg: QuantConfig, info: QuantInfo, emb_name, out_name,
             return
     if out is not None and linear_weight(out) is not None:
         w = linear_weight(out).detach().float()
-        _set_module(model, out_name, QuantLinear(quantize(w, scheme), getattr(out, "bias", None)))
+        _set_module(model, out_name, QuantLinear(quantize_table(w, scheme, from_file), getattr(out, "bias", None)))
+
+
+TABLE_CHUNK_ROWS = 4096  # rows of a memory-mapped table read (and dropped again) at a time
+
+
+def _rows_independent(scheme: Scheme) -> bool:
+    """Does each output row's stored form depend on that row alone (so rows can go in chunks)?"""
+    return scheme.kind in ("float", "fp8") or (scheme.kind == "int" and scheme.group_size != PER_TENSOR
+                                               and not scheme.needs)
+
+
+def quantize_table(w: torch.Tensor, scheme: Scheme, from_file: bool = False,
+                   rows: "int | None" = None) -> QuantizedWeight:
+    """`quantize(w, scheme)`, byte for byte. With `from_file`, a `w` that is a view of a
+    memory-mapped file (a streamed model's embedding table or head, see io.offload, which never
+    writes to it) goes `rows` rows at a time, each chunk's file pages dropped from the resident
+    set once it is quantized, so the float table is never resident whole beside its quantized
+    copy (`rows` defaults to TABLE_CHUNK_ROWS). Not for tensors the caller may have written to:
+    dropping the pages of a private file mapping also drops writes to them."""
+    from .memory import file_backed, release_file_pages
+
+    n, rows = int(w.shape[0]), rows or TABLE_CHUNK_ROWS
+    if (not from_file or n <= rows or not _rows_independent(scheme) or not w.is_contiguous()
+            or not file_backed([w])[0]):
+        return quantize(w, scheme)
+    out: dict[str, torch.Tensor] = {}
+    for i in range(0, n, rows):
+        chunk = w[i:i + rows]
+        part = quantize(chunk, scheme)
+        release_file_pages(chunk)
+        if any(t.dim() == 0 or t.shape[0] != chunk.shape[0] for t in part.tensors.values()):
+            return quantize(w, scheme)  # a part not stored row by row: quantize the table whole
+        for k, t in part.tensors.items():
+            if k not in out:
+                out[k] = torch.empty((n, *t.shape[1:]), dtype=t.dtype)
+            out[k][i:i + chunk.shape[0]] = t
+    return QuantizedWeight(scheme, (n, int(w.shape[1])), out)
 
 
 def summarize(info: QuantInfo) -> dict:

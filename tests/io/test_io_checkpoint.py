@@ -138,6 +138,38 @@ def test_safetensors_bytes_matches_save_file(tmp_path, specs, with_meta):
     assert est == path.stat().st_size
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=st.dictionaries(
+    st.text(alphabet="abcxyz._0123456789", min_size=1, max_size=12),
+    st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 5), min_size=0, max_size=3)),
+    min_size=1, max_size=6),
+    with_meta=st.booleans())
+def test_safetensors_header_matches_save_file(tmp_path, specs, with_meta):
+    from quantkit.io.checkpoint import _safetensors_header
+
+    tensors = {k: _tensor(dt, tuple(shape)) for k, (dt, shape) in specs.items()}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path), metadata=METADATA if with_meta else None)
+    header, _ = _safetensors_header({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()},
+                                    METADATA if with_meta else None)
+    data = path.read_bytes()
+    assert int.from_bytes(data[:8], "little") == len(header) and data[8:8 + len(header)] == header
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("arch", ["llama-tied", "llama-untied", "gpt2"])
+def test_save_writes_what_safetensors_writes(models, arch, scheme, tmp_path):
+    """save() unpacks one module at a time (not the whole model at once); the file is byte for
+    byte the one safetensors' save_file makes from every tensor together."""
+    from quantkit.io.checkpoint import checkpoint_tensors
+
+    q = qk.quantize(models[arch], scheme, progress=False)
+    out = qk.save(q, tmp_path / "ckpt")
+    save_file(checkpoint_tensors(q), str(tmp_path / "ref.safetensors"), metadata=METADATA)
+    assert (out / WEIGHTS_FILE).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", WEIGHTS_FILE]  # no spill file left
+
+
 # ----------------------------------------------------------------------------- failures
 def test_save_replaces_an_existing_folder_only_on_success(models, tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
@@ -150,7 +182,7 @@ def test_save_replaces_an_existing_folder_only_on_success(models, tmp_path, monk
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(ckpt, "_write_weights", boom)  # the weights' writer fails half way
     with pytest.raises(RuntimeError, match="disk full"):
         qk.save(q, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind

@@ -98,6 +98,81 @@ def test_streaming_frees_each_float_block_once_it_is_quantized(tmp_path):
     assert len(seen) == 14
 
 
+@pytest.mark.parametrize("tied,head", [(True, "bf16"), (True, "int8"), (False, "fp16"), (False, "keep")])
+def test_streamed_table_and_head_in_row_chunks_give_the_same_bytes(tmp_path, monkeypatch, tied, head):
+    """A streamed model's embedding table and head stay views of the float file and are
+    quantized a few rows at a time at the end: byte for byte what the whole table gives."""
+    import quantkit.pipeline as pipeline
+    from quantkit.memory import file_backed
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                         tie_word_embeddings=tied)).eval()
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    cfg = qk.make_config("int4-g32", "gptq", head=head)
+    eager = quantize_model(model, cfg, calib=_calib(), progress=False)
+    monkeypatch.setattr(pipeline, "TABLE_CHUNK_ROWS", 48)  # 256 rows: six chunks, the last one short
+    smodel, _, loader = open_streaming(folder, tmp_path / "off")
+    tables = [smodel.get_input_embeddings().weight] + ([] if tied else [smodel.get_output_embeddings().weight])
+    assert all(file_backed(tables))  # not private copies: read from disk only where used
+    streamed = quantize_model(smodel, cfg, calib=_calib(), loader=loader, progress=False)
+    assert _digest(eager, tmp_path, "e") == _digest(streamed, tmp_path, "s")
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp16", "fp32", "int8", "int4-g32", "fp8-e4m3", "int8-tensor"])
+def test_quantize_table_in_chunks_is_byte_identical(tmp_path, scheme):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from quantkit.formats import quantize
+    from quantkit.pipeline import quantize_table
+
+    save_file({"w": torch.randn(100, 64, generator=torch.Generator().manual_seed(0))}, str(tmp_path / "w.st"))
+    with safe_open(str(tmp_path / "w.st"), framework="pt") as h:
+        w = h.get_tensor("w")  # a view of the file's mapping
+    whole = quantize(w.clone(), scheme)
+    chunked = quantize_table(w, qk.parse_scheme(scheme), from_file=True, rows=32)
+    assert sorted(chunked.tensors) == sorted(whole.tensors)
+    for k, t in whole.tensors.items():
+        assert t.dtype == chunked.tensors[k].dtype and torch.equal(t.view(torch.uint8), chunked.tensors[k].view(torch.uint8)), k
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="resident pages: Linux /proc")
+def test_streaming_drops_the_table_pages_the_calibration_read(tmp_path):
+    model = _llama()
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    smodel, _, loader = open_streaming(folder, tmp_path / "off")
+    table = smodel.get_input_embeddings().weight.detach()
+    float(table.sum())  # reads every page of the table through the file mapping
+    assert loader.release_mapped() >= table.numel() * table.element_size() - 2 * 4096
+    assert loader.release_mapped() > 0  # still tracked: released again (no-op on the OS side)
+
+
+def test_each_hessian_is_freed_once_its_layer_is_quantized(monkeypatch):
+    """A block's Hessians go one by one as their layers are quantized, not all at the block's end."""
+    import gc
+    import weakref
+
+    import quantkit.calibrate as calibrate
+
+    seen: list = []
+    swap = calibrate.swap_quantized
+
+    def spy(model, name, mod, scheme, method, stats, info):
+        gc.collect()
+        alive = [n for n, r in seen if r() is not None]
+        assert not alive, f"Hessians of {alive} still alive while quantizing {name}"
+        swap(model, name, mod, scheme, method, stats, info)
+        seen.append((name, weakref.ref(stats["hessian"])))
+
+    monkeypatch.setattr(calibrate, "swap_quantized", spy)
+    qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
+    assert len(seen) == 14
+
+
 def test_unknown_family_names_the_known_ones():
     from transformers import BertConfig, BertForMaskedLM
 

@@ -91,17 +91,26 @@ def _prepare(w: torch.Tensor, H: torch.Tensor, damp: float) -> tuple[torch.Tenso
     return w, H
 
 
-def _inverse_factor(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), float64 [in, in]."""
+def _cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor L of H (H = LLᵀ)."""
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
         raise QuantkitError("GPTQ: the dampened Hessian is not positive definite; raise damp "
                             "(e.g. 0.1) or give more calibration data")
-    Hinv = torch.cholesky_inverse(L)
+    return L
+
+
+def _upper_of_inverse(Hinv: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H⁻¹ = UᵀU, given H⁻¹."""
     U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
     if int(info) != 0:
         raise QuantkitError("GPTQ: the inverse Hessian is numerically not positive definite; raise damp (e.g. 0.1)")
     return U
+
+
+def _inverse_factor(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), float64 [in, in]."""
+    return _upper_of_inverse(torch.cholesky_inverse(_cholesky(H)))
 
 
 class _IntGrid:
@@ -247,8 +256,15 @@ def gptq(w: torch.Tensor, scheme: Scheme, stats: dict) -> QuantizedWeight:
     if opts.act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)  # [in] original column of position j
         w = w[:, perm]
-        H = H[perm][:, perm]
-    U = _inverse_factor(H).to(torch.float32)
+        H = H[perm]  # two steps, each dropping the previous copy: at most two [in, in] alive
+        H = H[:, perm]
+    # _inverse_factor step by step, each float64 [in, in] dropped as soon as the next exists
+    # (at most two alive, not four: for a wide layer, tens of MB less at the walk's peak)
+    H = _cholesky(H)
+    H = torch.cholesky_inverse(H)
+    U = _upper_of_inverse(H)
+    del H
+    U = U.to(torch.float32)
     q, grid = _solve(w, U, scheme, opts, perm)
     if perm is not None:
         q = q[:, torch.argsort(perm)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -39,22 +40,76 @@ WEIGHTS_FILE = "model.safetensors"
 METADATA = {"format": f"quantkit/{FORMAT_VERSION}"}
 
 
-def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor the checkpoint stores, by name (packed parts for quantized modules)."""
-    out: dict[str, torch.Tensor] = {}
+def _checkpoint_groups(model: nn.Module):
+    """checkpoint_tensors one group at a time: each quantized module's stored parts (unpacked
+    from its kernel layout only when the group is reached), then the other parameters and
+    persistent buffers. Same names, same tensors; no copies beyond one module's."""
     inner = {id(m.linear) for m in model.modules() if isinstance(m, QuantEmbedding)}
     for name, mod in model.named_modules():
         if isinstance(mod, QuantEmbedding) or (isinstance(mod, QuantLinear) and id(mod) not in inner):
-            for part, t in mod.quantized_weight().tensors.items():
-                out[f"{name}.{part}"] = t
-    seen = set()
+            yield {f"{name}.{part}": t for part, t in mod.quantized_weight().tensors.items()}
+    seen, rest = set(), {}
     for key, t in model.state_dict().items():  # packed buffers are non-persistent: not listed here
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if ptr not in seen:  # tied tensors are stored once
             seen.add(ptr)
-            out[key] = t
+            rest[key] = t
+    yield rest
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the checkpoint stores, by name (packed parts for quantized modules)."""
+    out: dict[str, torch.Tensor] = {}
+    for group in _checkpoint_groups(model):
+        out.update(group)
     return {k: (v.detach().contiguous().clone() if v.untyped_storage().nbytes() != v.nbytes else v.detach().contiguous())
             for k, v in out.items()}
+
+
+def _spill_parts(model: nn.Module, tmp) -> "tuple[dict, dict] | None":
+    """Append each stored tensor's bytes to the open file `tmp`, one module unpacked at a time;
+    ({name: (dtype, shape)}, {name: offset in tmp}), or None for a case safetensors' own writer
+    must handle (a name twice, a dtype not in _ST_DTYPES, a tensor off the CPU, big-endian)."""
+    if sys.byteorder != "little":
+        return None
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    where: dict[str, int] = {}
+    for group in _checkpoint_groups(model):
+        for k, t in group.items():
+            if k in specs or t.dtype not in _ST_DTYPES or t.device.type != "cpu":
+                return None
+            t = t.detach().contiguous()
+            specs[k], where[k] = (t.dtype, tuple(t.shape)), tmp.tell()
+            if t.numel():
+                tmp.write(t.reshape(-1).view(torch.uint8).numpy())
+    return specs, where
+
+
+def _write_weights(model: nn.Module, path: Path) -> None:
+    """Write the checkpoint's safetensors file byte for byte as `save_file(checkpoint_tensors(
+    model), path, METADATA)` would, without holding every unpacked tensor at once (unpacking
+    a model held in kernel layouts would otherwise double its memory while it is saved): the
+    parts go to a spill file beside `path` module by module, then the header is written and
+    the parts are copied over in safetensors' order."""
+    spill = path.with_name(path.name + ".parts")
+    try:
+        with open(spill, "w+b") as tmp:
+            parts = _spill_parts(model, tmp)
+            if parts is not None:
+                header, offsets = _safetensors_header(parts[0], METADATA)
+                with open(path, "wb") as f:
+                    f.write(struct.pack("<Q", len(header)))
+                    f.write(header)
+                    for k, (a, b) in sorted(offsets.items(), key=lambda kv: kv[1]):
+                        tmp.seek(parts[1][k])
+                        while a < b:
+                            chunk = tmp.read(min(b - a, 1 << 23))
+                            f.write(chunk)
+                            a += len(chunk)
+                return
+        save_file(checkpoint_tensors(model), str(path), metadata=METADATA)
+    finally:
+        spill.unlink(missing_ok=True)
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -76,10 +131,9 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     if not hasattr(model, "quantkit"):
         raise QuantkitError("this model was not quantized by quantkit; call qk.quantize(model, scheme) first "
                             "(scheme fp32 or bf16 stores it unquantized)")
-    tensors = checkpoint_tensors(model)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(Path(tmp) / WEIGHTS_FILE), metadata=METADATA)
+        _write_weights(model, Path(tmp) / WEIGHTS_FILE)
         config = model.config.to_dict()
         config["quantization_config"] = quantization_config(model)
         (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
@@ -97,23 +151,32 @@ _ST_DTYPES = {  # torch dtype -> (safetensors name, rank in safetensors' descend
 }
 
 
-def safetensors_bytes(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict | None = None) -> int:
-    """Exact size of the safetensors file `save_file` writes for tensors of these dtypes/shapes."""
+def _safetensors_header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict | None = None):
+    """(header bytes, {name: (start, end)}) of the safetensors file `save_file` writes for
+    tensors of these dtypes/shapes: sorted by dtype (safetensors' order), then name; compact
+    JSON padded with spaces to 8-byte alignment."""
     order = sorted(specs.items(), key=lambda kv: (-_ST_DTYPES[kv[1][0]][1], kv[0]))
     header: dict = {}
     if metadata:
         header["__metadata__"] = metadata
     off = 0
+    offsets = {}
     for name, (dt, shape) in order:
         n = 1
         for d in shape:
             n *= d
         size = n * torch.empty((), dtype=dt).element_size()
         header[name] = {"dtype": _ST_DTYPES[dt][0], "shape": list(shape), "data_offsets": [off, off + size]}
+        offsets[name] = (off, off + size)
         off += size
-    h = len(json.dumps(header, separators=(",", ":")).encode())
-    h += (-h) % 8  # padded with spaces to 8-byte alignment
-    return 8 + h + off
+    h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return h + b" " * ((-len(h)) % 8), offsets
+
+
+def safetensors_bytes(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict | None = None) -> int:
+    """Exact size of the safetensors file `save_file` writes for tensors of these dtypes/shapes."""
+    header, offsets = _safetensors_header(specs, metadata)
+    return 8 + len(header) + max((e for _, e in offsets.values()), default=0)
 
 
 def _spec(qw: QuantizedWeight) -> dict:

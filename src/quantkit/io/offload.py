@@ -2,9 +2,12 @@
 
 `open_streaming(source, offload_dir)` returns a model whose blocks hold no weights (meta
 tensors) plus a `BlockLoader` that assigns one block's tensors from memory-mapped
-safetensors when the calibration walk reaches it. Everything outside the blocks
-(embeddings, final norm, head) is loaded at once. With it, quantizing needs about one float
-block, the quantized blocks so far and the calibration activations — not the float model.
+safetensors when the calibration walk reaches it. The embedding table and output head stay
+memory-mapped views of the file: the walk reads only the rows of the calibration tokens (their
+pages are dropped again when block 0 loads), and the pipeline quantizes them at the end in
+chunks of rows (pipeline.quantize_table). The rest outside the blocks (final norm, ...) is
+loaded at once. With it, quantizing needs about one float block, the quantized blocks so far
+and the calibration activations — not the float model.
 
 Sources: a Hugging Face folder of safetensors (sharded or not) is read in place. Any other
 source (a GGUF file, the `smollm2` alias, a hub id) is first written to `offload_dir` as a
@@ -16,6 +19,7 @@ import json
 import logging
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -105,8 +109,13 @@ class BlockLoader:
                 with safe_open(str(f), framework="pt") as h:
                     weight_map.update({k: f.name for k in h.keys()})
         self.weight_map = weight_map
+        self._mapped: list[weakref.ref] = []  # tensors viewing the files (track_mapped)
 
-    def tensors(self, prefix: str = "", exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    def tensors(self, prefix: str = "", exclude: tuple[str, ...] = (), mapped: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+        """Tensors under `prefix` (the prefix cut from their names), private copies in `self.dtype`.
+        Names in `mapped` (full names) whose stored dtype is already `self.dtype` come back as
+        views of the memory-mapped file instead: nothing is read until used, and
+        `release_mapped` drops the pages read through them."""
         names = [k for k in self.weight_map if k.startswith(prefix) and not any(k.startswith(e) for e in exclude)]
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[str]] = {}
@@ -116,11 +125,28 @@ class BlockLoader:
             with safe_open(str(self.folder / fname), framework="pt") as h:
                 for k in keys:
                     t = h.get_tensor(k)
-                    t = t.to(self.dtype) if t.is_floating_point() else t
-                    # a private copy: a tensor viewing the memory-mapped file would keep the
-                    # file's pages resident (and counted in RSS) for as long as it lives
-                    out[k[len(prefix):]] = t.clone()
+                    if not (k in mapped and t.dtype == self.dtype):
+                        t = t.to(self.dtype) if t.is_floating_point() else t
+                        # a private copy: a tensor viewing the memory-mapped file would keep the
+                        # file's pages resident (and counted in RSS) for as long as it lives
+                        t = t.clone()
+                    out[k[len(prefix):]] = t
         return out
+
+    def track_mapped(self, tensors) -> None:
+        """Remember (weakly) the tensors, as the model holds them, that view the files."""
+        from ..memory import file_backed
+
+        self._mapped += [weakref.ref(t) for t, mm in zip(tensors, file_backed(tensors)) if mm]
+
+    def release_mapped(self) -> int:
+        """Drop from the resident set the file pages read so far through the tracked views
+        (they read back from the file if used again); returns the bytes released."""
+        from ..memory import release_file_pages
+
+        alive = [t for t in (r() for r in self._mapped) if t is not None]
+        self._mapped = [weakref.ref(t) for t in alive]
+        return sum(release_file_pages(t) for t in alive)
 
     def load_into(self, module: nn.Module, prefix: str) -> None:
         """Materialize `module` (whose parameters are meta) from the tensors under `prefix`."""
@@ -128,6 +154,7 @@ class BlockLoader:
 
         gc.collect()  # modules swapped out can sit in reference cycles; free their weights now
         trim_heap()  # the previous block's float weights and statistics are gone by now
+        self.release_mapped()  # the embedding rows the calibration inputs were looked up in
         state = self.tensors(prefix)
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         left = [n for n, p in module.named_parameters() if p.is_meta]
@@ -141,6 +168,7 @@ def open_streaming(source, offload_dir=None, dtype: torch.dtype = torch.float32)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..arch import family_of
+    from ..pipeline import head_modules
 
     keep_heap_small()
     folder = float_folder(source, offload_dir, str(dtype).replace("torch.", ""))
@@ -149,10 +177,16 @@ def open_streaming(source, offload_dir=None, dtype: torch.dtype = torch.float32)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     fam = family_of(model)
     loader = BlockLoader(folder, dtype)
-    rest = loader.tensors("", exclude=(fam.blocks + ".",))
+    # the embedding table and output head stay on disk (memory-mapped, read only where used):
+    # the walk needs only the calibration tokens' rows, and they are quantized at its end
+    mapped = frozenset(f"{n}.weight" for n in head_modules(model)[:2] if n)
+    rest = loader.tensors("", exclude=(fam.blocks + ".",), mapped=mapped)
     model.load_state_dict(rest, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    del rest
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loader.track_mapped([params[n] for n in sorted(mapped) if n in params])
     outside = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(fam.blocks + ".")]
     if outside:
         raise SourceError(f"{folder}: no weights for {outside[0]}")
