@@ -4,7 +4,9 @@ For prefill-sized problems (M x K @ K x N of SmolLM2's MLP and attention shapes)
 fp32 matmul, a bf16 matmul, torch._int_mm, and quantkit's exact float32-chunk int8 GEMM, and
 reports each as a ratio to fp32. It also checks exactness on the worst case (every code 127)
 for both int8 backends and for fbgemm's u8 x s8 static linear (torch's quantized engine),
-which saturates 16-bit intermediates on CPUs without VNNI.
+which saturates 16-bit intermediates on CPUs without VNNI. And, for the 16-bit head that
+quantized models keep by default, torch's bf16 GEMM against quantkit's widened path
+(`kernels.cpu._widened_linear`, used where the CPU has no native bf16 GEMM).
 
     python benchmarks/int8_gemm.py [--m 4096] [--repeats 3] [--no-write]
 """
@@ -16,7 +18,9 @@ import warnings
 
 import torch
 
-from quantkit.kernels.cpu import _int8_mm_float, _pick_int8_mm
+import torch.nn.functional as F
+
+from quantkit.kernels.cpu import _int8_mm_float, _native_16bit_gemm, _pick_int8_mm, _widened_linear
 
 from _common import write_section
 
@@ -67,12 +71,18 @@ def main():
     ones = torch.full((32, 4096), 127, dtype=torch.int8)
     exact = 127 * 127 * 4096
     got_f, want = fbgemm_worst_case()
+    xh, wh = torch.randn(512, 576, generator=g).bfloat16(), torch.randn(49152, 576, generator=g).bfloat16()
+    th = best_time(lambda: F.linear(xh, wh), a.repeats)
+    tw = best_time(lambda: _widened_linear(xh, wh), a.repeats)
     notes = [f"Worst case (every product 127·127, K = 4096, exact {exact}): torch._int_mm "
              f"{int(torch._int_mm(ones, ones.t().contiguous())[0, 0])}, float32-chunk "
              f"{int(_int8_mm_float(ones, ones.t().contiguous())[0, 0])}.",
              f"fbgemm static u8 x s8 linear, K = 576, every code at the top of the range: {got_f:.1f} "
              f"(exact {want:.1f}).",
-             f"`int8_mm` picks here: **{_pick_int8_mm()}**."]
+             f"`int8_mm` picks here: **{_pick_int8_mm()}**.",
+             f"bf16 head, 512 x 576 x 49152: torch bf16 GEMM {1e3 * th:.0f} ms, widened to fp32 in chunks "
+             f"{1e3 * tw:.0f} ms ({th / tw:.2f}× faster); FloatKernel widens here: "
+             f"**{'no' if _native_16bit_gemm() else 'yes'}** (native 16-bit GEMM: {_native_16bit_gemm()})."]
     body = "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in notes)
     print(body)
     if not a.no_write:

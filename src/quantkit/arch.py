@@ -21,6 +21,9 @@ class Family:
     # SmoothQuant: (module whose output feeds them, Linears that read it). The scale is folded
     # into the first (a norm's weight/bias or a Linear's rows), so the pair must be linear in it.
     smooth: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Linears the block's forward calls on the very same input tensor (calibration computes
+    # their input statistics once)
+    shared_input: tuple[tuple[str, ...], ...] = ()
 
 
 _LLAMA = Family(
@@ -30,6 +33,7 @@ _LLAMA = Family(
     smooth=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
             ("mlp.up_proj", ("mlp.down_proj",))),  # down's input is act(gate)·up: linear in up's rows
+    shared_input=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
 )
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,

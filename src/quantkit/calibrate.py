@@ -24,6 +24,7 @@ from .algorithms.hessian import HessianAccumulator
 from .arch import blocks_of, family_of
 from .errors import QuantkitError
 from .memory import trim_heap
+from .formats.integer import top_channels
 from .observers import make_observer
 from .pipeline import QuantInfo, linear_weight, swap_quantized
 from .scheme import QuantConfig, Scheme
@@ -38,17 +39,26 @@ class _Hessian(HessianAccumulator):
 
 class _Range:
     """The input range of a static activation scheme, from the scheme's observer (of x / s
-    when SmoothQuant's candidate scales s are given)."""
+    when SmoothQuant's candidate scales s are given), over the channels that are quantized:
+    a -oN scheme's float channels (`outliers`, indices) are left out."""
 
-    def __init__(self, scheme: Scheme, s: "torch.Tensor | None" = None):
+    def __init__(self, scheme: Scheme, s: "torch.Tensor | None" = None, outliers: "torch.Tensor | None" = None):
         self.obs = make_observer(scheme.observer, bits=8, symmetric=scheme.act_symmetric)
         self.s = s
+        self.outliers = outliers
+        self.keep = None
 
     def add(self, x: torch.Tensor) -> None:
-        self.obs.update(x if self.s is None else x / self.s)
+        x = x if self.s is None else x / self.s
+        if self.outliers is not None:
+            if self.keep is None:
+                self.keep = torch.ones(x.shape[-1], dtype=torch.bool)
+                self.keep[self.outliers.long()] = False
+            x = x[..., self.keep]
+        self.obs.update(x)
 
     def result(self):
-        return self.obs.qparams()  # (scale, zero or None)
+        return (*self.obs.qparams(), self.outliers)  # (scale, zero or None, float channels or None)
 
 
 class _AbsMax:
@@ -83,15 +93,40 @@ class _AbsMax:
 
 
 # statistic name -> collector factory (scheme -> object with add(x) and result())
-STATS = {"hessian": lambda scheme: _Hessian(), "act_range": _Range}
+STATS = {"hessian": lambda scheme, outliers: _Hessian(), "act_range": lambda scheme, outliers: _Range(scheme, None, outliers)}
 
 
-def _collectors(scheme: Scheme, method: str) -> dict:
+def _collectors(scheme: Scheme, method: str, outliers: "torch.Tensor | None" = None) -> dict:
     needs = algorithms.get(method).needs | scheme.needs
     unknown = needs - STATS.keys()
     if unknown:
         raise QuantkitError(f"no collector for statistics {sorted(unknown)} (needed by {method} / {scheme.name})")
-    return {k: STATS[k](scheme) for k in sorted(needs)}
+    return {k: STATS[k](scheme, outliers) for k in sorted(needs)}
+
+
+def _share_hessians(cols: dict, fam) -> dict:
+    """Collectors to hook, per Linear: siblings that read the very same input (the family's
+    `shared_input`, e.g. q/k/v) get one Hessian between them, hooked on the first, since
+    H = 2/n·XXᵀ depends on the input alone; computing it once instead of three times is the
+    same matrix for a third of the work (GPTQ copies H before changing it)."""
+    hooked = {rel: list(c.values()) for rel, c in cols.items()}
+    for names in fam.shared_input:
+        sibs = [r for r in names if r in cols and "hessian" in cols[r]]
+        for r in sibs[1:]:
+            hooked[r].remove(cols[r]["hessian"])
+            cols[r]["hessian"] = cols[sibs[0]]["hessian"]
+    return hooked
+
+
+def _float_channels(block: nn.Module, inputs, todo) -> dict:
+    """{rel: indices} of the input channels a -oN static scheme keeps in float: the N with the
+    largest |x| over the calibration inputs (one extra pass over the block)."""
+    wanted = {rel: sc.act_outliers for rel, sc, _ in todo if sc.act == "static" and sc.act_outliers}
+    if not wanted:
+        return {}
+    stats = {rel: _AbsMax() for rel in wanted}
+    _observe(block, inputs, {rel: [c] for rel, c in stats.items()})
+    return {rel: top_channels(stats[rel].result(), n) for rel, n in wanted.items()}
 
 
 def _observe(block: nn.Module, inputs, collectors: dict) -> None:
@@ -182,8 +217,9 @@ def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qua
         for group in _groups(block, fam, cfg.sequential):
             todo = [(rel, plans.get(prefix + rel, (None, None))) for rel in group]
             todo = [(rel, sc, m) for rel, (sc, m) in todo if sc is not None]
-            cols = {rel: _collectors(sc, m) for rel, sc, m in todo}
-            _observe(block, inputs, {rel: list(c.values()) for rel, c in cols.items()})
+            outl = _float_channels(block, inputs, todo)
+            cols = {rel: _collectors(sc, m, outl.get(rel)) for rel, sc, m in todo}
+            _observe(block, inputs, _share_hessians(cols, fam))
             for rel, scheme, method in todo:
                 stats = {k: c.result() for k, c in cols.pop(rel).items()}  # popped: freed once used
                 if "hessian" in stats:
@@ -240,7 +276,8 @@ def _smooth(block: nn.Module, fam, inputs, alpha, plans: dict, prefix: str) -> N
         absmax, weights, schemes = found[prev]
         cands[prev] = candidate_scales(absmax, weights)
         statics = {act_key(sc): sc for sc in schemes if sc.act == "static"}
-        ranges[prev] = {(a, k): _Range(sc, s) for a, s in cands[prev].items() for k, sc in statics.items()}
+        ranges[prev] = {(a, k): _Range(sc, s, top_channels(absmax / s, sc.act_outliers) if sc.act_outliers else None)
+                        for a, s in cands[prev].items() for k, sc in statics.items()}
     _observe(block, inputs, {lins[0]: list(ranges[prev].values()) for prev, lins in groups if ranges[prev]})
     for prev, lins in groups:
         absmax, weights, schemes = found[prev]

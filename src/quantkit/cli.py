@@ -126,6 +126,10 @@ def cmd_quantize(a):
         return
     out = Path(a.out)
     calib_text = _text(a.calib, "calib") if a.calib and needs_calibration(cfg) else None
+    # the baseline is the process with the libraries every model load imports, before any model:
+    # transformers.modeling_utils alone pulls in ~90 MB of modules (sympy among them) lazily
+    import transformers.modeling_utils  # noqa: F401
+
     baseline_rss = _rss_bytes(peak=False)
     loader = None
     if a.offload_dir:

@@ -11,10 +11,12 @@ One grammar is used everywhere (CLI, API, saved configs)::
                                              a GGML block type, stored as the GGUF file stores it
     w8a8-dynamic                             int8 weights per channel, int8 activations per token
                                              (scale computed at run time), integer matmul
-    w8a8-static[-{minmax|ema|entropy|mse|percentile}][-asym]
+    w8a8-static[-{minmax|ema|entropy|mse|percentile}][-asym][-o{N}]
                                              int8 weights per channel, int8 activations per tensor
                                              with a range frozen from calibration data by that
-                                             observer (default mse; -asym: affine activations)
+                                             observer (default mse; -asym: affine activations;
+                                             -oN: the N input channels with the largest calibrated
+                                             range stay in float, fixed at calibration)
 
 A scheme says *what* is stored; the method (rtn, llm-int8, gptq, ...) says how the
 values are chosen.  `parse_scheme` is the only parser and `Scheme.validate_for` the only
@@ -28,6 +30,7 @@ from dataclasses import dataclass, replace
 from .errors import SchemeError
 
 GROUP_SIZES = (32, 64, 128, 256, 1024)
+MAX_ACT_OUTLIERS = 1024  # w8a8-static-...-oN: at most this many float input channels
 INT_BITS = tuple(range(2, 9))
 PACKED_BITS = (2, 3, 4)  # bit widths stored packed below one byte
 PER_CHANNEL = -1
@@ -37,7 +40,7 @@ GRAMMAR = (
     "fp32, bf16, fp16, int{2..8}[-g{32|64|128|256|1024}|-tensor][-sym|-asym], "
     "nf4[-b{N}][-dq], fp4[-b{N}][-dq], fp8-e4m3, fp8-e5m2, llm-int8, "
     "gguf-{q8_0|q4_0|q4_1|q5_0|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_nl}, "
-    "w8a8-dynamic, w8a8-static[-{minmax|ema|entropy|mse|percentile}][-asym]"
+    "w8a8-dynamic, w8a8-static[-{minmax|ema|entropy|mse|percentile}][-asym][-o{N}]"
 )
 ACT_OBSERVERS = ("minmax", "ema", "entropy", "mse", "percentile")  # observers.OBSERVERS, by name
 DEFAULT_ACT_OBSERVER = "mse"
@@ -66,6 +69,7 @@ class Scheme:
     act: str = ""  # activation quantization of int8 weights: "" none, "dynamic" (per token), "static" (frozen)
     observer: str = ""  # static: the observer that chooses the activation range (observers.py)
     act_symmetric: bool = True  # static: symmetric int8 or affine (uint8 + zero point) activations
+    act_outliers: int = 0  # static: input channels kept in float (those with the largest calibrated range)
 
     @property
     def name(self) -> str:
@@ -73,7 +77,8 @@ class Scheme:
         if self.act == "dynamic":
             return "w8a8-dynamic"
         if self.act == "static":
-            return f"w8a8-static-{self.observer}" + ("" if self.act_symmetric else "-asym")
+            return (f"w8a8-static-{self.observer}" + ("" if self.act_symmetric else "-asym")
+                    + (f"-o{self.act_outliers}" if self.act_outliers else ""))
         if self.kind == "float":
             return self.fp_format
         if self.kind == "fp8":
@@ -124,6 +129,9 @@ class Scheme:
         if self.kind == "ggml" and shape[1] % self.group_size:
             raise SchemeError(f"{name}: {self.fp_format} needs input widths that are a multiple of "
                               f"{self.group_size}; this one is {shape[1]}")
+        if self.act_outliers and self.act_outliers >= shape[1]:
+            raise SchemeError(f"{name}: {self.name} keeps {self.act_outliers} input channels in float, but the "
+                              f"layer has only {shape[1]}; choose fewer (e.g. -o{max(1, shape[1] // 64)})")
         if self.grouped and shape[1] % self.group_size:
             valid = [g for g in GROUP_SIZES if shape[1] % g == 0]
             raise SchemeError(
@@ -153,7 +161,7 @@ class Scheme:
 
 _INT_RE = re.compile(r"^int(\d+)((?:-g-?\d+)|(?:-tensor))?(-sym|-asym)?$")
 _BLOCK_RE = re.compile(r"^(nf4|fp4)(?:-b(\d+))?(-dq)?$")
-_W8A8_RE = re.compile(r"^w8a8-(dynamic|static)(?:-([a-z]+))?(-sym|-asym)?$")
+_W8A8_RE = re.compile(r"^w8a8-(dynamic|static)(?:-([a-z]+))?(-sym|-asym)?(?:-o(\d+))?$")
 
 
 def gguf_scheme(type_name: str) -> Scheme:
@@ -209,18 +217,21 @@ def _parse_w8a8(s: str, text) -> Scheme:
     m = _W8A8_RE.match(s)
     if not m:
         raise SchemeError(f"unknown scheme {text!r}; activation schemes are w8a8-dynamic and "
-                          f"w8a8-static[-{{{'|'.join(ACT_OBSERVERS)}}}][-asym]")
-    kind, obs, sym = m.groups()
+                          f"w8a8-static[-{{{'|'.join(ACT_OBSERVERS)}}}][-asym][-o{{N}}]")
+    kind, obs, sym, outl = m.groups()
     if kind == "dynamic":
-        if obs or sym:
-            raise SchemeError(f"{text!r}: w8a8-dynamic takes no observer or symmetry (its scales are per token, "
-                              "symmetric, computed at run time)")
+        if obs or sym or outl:
+            raise SchemeError(f"{text!r}: w8a8-dynamic takes no observer, symmetry or outlier channels (its scales "
+                              "are per token, symmetric, computed at run time)")
         return Scheme(kind="int", bits=8, symmetric=True, group_size=PER_CHANNEL, act="dynamic")
     obs = obs or DEFAULT_ACT_OBSERVER
     if obs not in ACT_OBSERVERS:
         raise SchemeError(f"unknown observer {obs!r} in {text!r}; valid: {', '.join(ACT_OBSERVERS)}")
+    n_out = int(outl) if outl else 0
+    if outl and not 1 <= n_out <= MAX_ACT_OUTLIERS:
+        raise SchemeError(f"{text!r}: -o{outl} keeps {outl} input channels in float; use 1 to {MAX_ACT_OUTLIERS}")
     return Scheme(kind="int", bits=8, symmetric=True, group_size=PER_CHANNEL, act="static", observer=obs,
-                  act_symmetric=sym != "-asym")
+                  act_symmetric=sym != "-asym", act_outliers=n_out)
 
 
 def parse_schemes(text: str) -> list[Scheme]:
@@ -243,8 +254,12 @@ class Rule:
     with `method`; scheme None keeps the layer in its original precision."""
 
     pattern: str
-    scheme: "Scheme | None"
+    scheme: "Scheme | None"  # or a scheme string, parsed here
     method: str = "rtn"
+
+    def __post_init__(self):
+        if isinstance(self.scheme, str):
+            object.__setattr__(self, "scheme", parse_scheme(self.scheme))
 
 
 @dataclass(frozen=True)

@@ -223,3 +223,27 @@ def test_llm_int8_threshold_counts_columns_over_the_whole_batch():
     ref, n_out = _llm_int8_reference(x, qw)
     assert n_out == 2
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_widened_16bit_linear_is_the_16bit_gemm(dtype):
+    """Without native 16-bit GEMM (AVX2), many-row 16-bit matmuls widen the weight to fp32 chunk
+    by chunk: exact products summed in fp32 and rounded once to the 16-bit dtype, like the
+    16-bit GEMM itself (within one 16-bit rounding of the float64 product)."""
+    from quantkit.kernels import cpu
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 96, generator=g).to(dtype)
+    x = torch.randn(2, 40, 96, generator=g).to(dtype)
+    exact = (x.double() @ w.double().T)
+    old = cpu.WIDEN_CHUNK
+    cpu.WIDEN_CHUNK = 128  # several chunks, the last one short
+    try:
+        y = cpu._widened_linear(x, w)
+    finally:
+        cpu.WIDEN_CHUNK = old
+    assert y.dtype == dtype and y.shape == (2, 40, 300)
+    tol = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    assert torch.allclose(y.double(), exact, rtol=tol, atol=1e-4)  # atol: fp32 summation of cancelling terms
+    if dtype == torch.bfloat16:  # (torch's own fp16 CPU GEMM rounds along the way: it is further off)
+        assert torch.allclose(torch.nn.functional.linear(x, w).double(), y.double(), rtol=2 * tol, atol=1e-6)

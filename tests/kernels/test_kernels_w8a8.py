@@ -87,3 +87,29 @@ def test_int8_mm_backends_are_exact(k):
     exact = a.long() @ b.long()
     assert torch.equal(_int8_mm_float(a, b).long(), exact)
     assert torch.equal(torch._int_mm(a, b).long(), exact)
+
+
+@pytest.mark.parametrize("scheme,zero", [("w8a8-static-minmax-o3", None), ("w8a8-static-mse-asym-o3", 120)])
+def test_float_channels_run_in_float(scheme, zero):
+    """-oN: the float channels multiply their dequantized weight columns in float; the other
+    channels go through the int8 path with the frozen range, as in the reference."""
+    outl = torch.tensor([5, 17, 400], dtype=torch.int32)
+    qw = with_act_range(quantize(W, scheme), torch.tensor(0.02), None if zero is None else torch.tensor(zero), outl)
+    lin = QuantLinear(qw)
+    q, s, _, _ = int_codes(qw)
+    w = q.double() * s.double()
+    keep = torch.ones(576, dtype=torch.bool)
+    keep[outl.long()] = False
+    x2 = X.reshape(-1, 576).double()
+    plain = qw.tensors.copy()
+    del plain["in_outliers"]
+    from quantkit.formats import QuantizedWeight
+    ref_int = _reference(X * keep, QuantizedWeight(qw.scheme, qw.shape, plain)).reshape(-1, 48)
+    ref = ref_int + x2[:, ~keep] @ w[:, ~keep].T
+    y = lin(X).reshape(-1, 48).double()
+    assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    back = lin.quantized_weight()
+    assert torch.equal(back.tensors["in_outliers"], outl)
+    with pytest.raises(ValueError, match="indices"):
+        with_act_range(quantize(W, scheme), torch.tensor(0.02), None if zero is None else torch.tensor(zero))
+    assert act_parts(qw.scheme)["in_outliers"] == (torch.int32, (3,))

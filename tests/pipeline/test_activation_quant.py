@@ -150,3 +150,52 @@ def test_inputs_far_outside_the_static_range_are_clipped_counted_and_never_nan(c
     assert res["act_clipped_values"] > 0 and 0 < res["act_clipped_fraction"] <= 1
     assert "clipped at the range's bound" in caplog.text
     assert all(m.run_stats["values"] > 0 for m in layers)  # counters were reset, then counted again
+
+
+def test_float_channels_are_the_largest_calibrated_ones_and_leave_the_range():
+    """-oN keeps the N input channels with the largest calibrated |x| in float, and the frozen
+    range is the observer's over the other channels only."""
+    model, ids = _llama(outlier=True), _ids()
+    q = qk.quantize(model, "w8a8-static-minmax-o2", calib=ids, progress=False)
+    seen = []
+    h = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    x = torch.cat(seen).reshape(-1, 64)
+    top = torch.sort(torch.sort(x.abs().amax(0), descending=True).indices[:2]).values
+    qw = q.model.layers[0].self_attn.q_proj.quantized_weight()
+    assert 3 in top.tolist()  # the planted outlier channel
+    assert torch.equal(qw.tensors["in_outliers"], top.to(torch.int32))
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[top] = False
+    assert torch.allclose(qw.tensors["in_scale"], x[:, keep].abs().max().reshape(1) / 127)
+    # and the float channels make the per-tensor static range usable: far less error than without
+    plain = qk.quantize(model, "w8a8-static-minmax", calib=ids, progress=False)
+    assert _err(model, q, ids) < 0.2 * _err(model, plain, ids)
+
+
+@pytest.mark.parametrize("smooth", [None, "auto"])
+def test_float_channels_checkpoint_round_trip_and_exact_size(tmp_path, smooth):
+    model, ids = _llama(), _ids()
+    cfg = make_config("w8a8-static-ema-asym-o4", smooth=smooth)
+    q = qk.quantize(model, cfg, calib=ids, progress=False)
+    out = qk.save(q, tmp_path / "ck")
+    assert (out / WEIGHTS_FILE).stat().st_size == expected_weights_bytes(model, cfg)
+    m2, _ = qk.load(out)
+    with torch.no_grad():
+        assert torch.equal(m2(ids).logits, q(ids).logits)
+
+
+def test_float_channels_grammar():
+    from quantkit.scheme import parse_scheme
+
+    s = parse_scheme("w8a8-static-mse-asym-o16")
+    assert (s.act_outliers, s.observer, s.act_symmetric) == (16, "mse", False)
+    assert parse_scheme(s.name) == s and parse_scheme("w8a8-static-o8").observer == "mse"
+    for bad, msg in (("w8a8-dynamic-o8", "outlier"), ("w8a8-static-mse-o0", "1 to"),
+                     ("w8a8-static-mse-o5000", "1 to")):
+        with pytest.raises(SchemeError, match=msg):
+            parse_scheme(bad)
+    with pytest.raises(SchemeError, match="only 64"):
+        qk.quantize(_llama(), "w8a8-static-minmax-o64", calib=_ids(), progress=False)

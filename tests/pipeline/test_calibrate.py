@@ -152,7 +152,8 @@ def test_streaming_drops_the_table_pages_the_calibration_read(tmp_path):
 
 
 def test_each_hessian_is_freed_once_its_layer_is_quantized(monkeypatch):
-    """A block's Hessians go one by one as their layers are quantized, not all at the block's end."""
+    """A block's Hessians go one by one as their layers are quantized, not all at the block's end
+    (one that siblings reading the same input share goes with the last of them)."""
     import gc
     import weakref
 
@@ -163,7 +164,7 @@ def test_each_hessian_is_freed_once_its_layer_is_quantized(monkeypatch):
 
     def spy(model, name, mod, scheme, method, stats, info):
         gc.collect()
-        alive = [n for n, r in seen if r() is not None]
+        alive = [n for n, r in seen if r() is not None and r() is not stats["hessian"]]
         assert not alive, f"Hessians of {alive} still alive while quantizing {name}"
         swap(model, name, mod, scheme, method, stats, info)
         seen.append((name, weakref.ref(stats["hessian"])))
@@ -171,6 +172,36 @@ def test_each_hessian_is_freed_once_its_layer_is_quantized(monkeypatch):
     monkeypatch.setattr(calibrate, "swap_quantized", spy)
     qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
     assert len(seen) == 14
+
+
+def test_siblings_share_one_hessian_and_give_the_same_bytes(tmp_path, monkeypatch):
+    """q/k/v (and gate/up) read the same input: one Hessian between them, hooked once; the
+    result is byte for byte what one Hessian per layer gives."""
+    import dataclasses
+
+    import quantkit.arch as arch
+    import quantkit.calibrate as calibrate
+
+    shared = qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
+    seen = {}
+    swap = calibrate.swap_quantized
+
+    def spy(model, name, mod, scheme, method, stats, info):
+        seen[name] = stats["hessian"]  # kept alive, so no two Hessians can share an address
+        swap(model, name, mod, scheme, method, stats, info)
+
+    monkeypatch.setattr(calibrate, "swap_quantized", spy)
+    monkeypatch.setitem(arch.FAMILIES, "llama", dataclasses.replace(arch.FAMILIES["llama"], shared_input=()))
+    apart = qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
+    assert _digest(shared, tmp_path, "shared") == _digest(apart, tmp_path, "apart")
+    assert len({id(h) for h in seen.values()}) == len(seen)  # without the declaration: one Hessian per layer
+    seen.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(calibrate, "swap_quantized", spy)
+    qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
+    p = "model.layers.0."
+    assert seen[p + "self_attn.q_proj"] is seen[p + "self_attn.k_proj"] is seen[p + "self_attn.v_proj"]
+    assert seen[p + "mlp.gate_proj"] is seen[p + "mlp.up_proj"] is not seen[p + "mlp.down_proj"]
 
 
 def test_unknown_family_names_the_known_ones():

@@ -60,7 +60,7 @@ ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def act_key(scheme) -> tuple:
     """Schemes with the same key quantize a layer input the same way."""
-    return (scheme.act, scheme.observer, scheme.act_symmetric)
+    return (scheme.act, scheme.observer, scheme.act_symmetric, scheme.act_outliers)
 
 
 def _fake_input(x: torch.Tensor, scheme, qparams=None) -> torch.Tensor:
@@ -105,6 +105,7 @@ def group_error(x: torch.Tensor, weights: list[torch.Tensor], schemes: list, s: 
     return err
 
 
+@torch.no_grad()  # weights are Parameters: no autograd graph for the search's products
 def choose_alpha(x: torch.Tensor, weights: list[torch.Tensor], schemes: list, candidates: dict) -> tuple[float, torch.Tensor]:
     """The migration strength whose smoothed-then-quantized group reproduces the float outputs
     best on the sample x [N, in]. candidates: {alpha: (s, qparams)} (see `candidate_scales`

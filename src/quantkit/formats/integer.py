@@ -142,6 +142,8 @@ def act_parts(scheme: Scheme) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     parts = {"in_scale": (torch.float32, (1,))}
     if not scheme.act_symmetric:
         parts["in_zero"] = (torch.uint8, (1,))
+    if scheme.act_outliers:  # -oN: which input channels stay in float
+        parts["in_outliers"] = (torch.int32, (scheme.act_outliers,))
     return parts
 
 
@@ -173,16 +175,36 @@ def clipped_count(q: torch.Tensor, zero: "torch.Tensor | None" = None) -> torch.
     return ((q == -128) | (q == 127)).sum()
 
 
-def fake_quantize_activation(x2: torch.Tensor, scale=None, zero=None) -> torch.Tensor:
-    """What the w8a8 kernel multiplies, in float: dequantize(quantize_activation(x2))."""
-    q, s = quantize_activation(x2, scale, zero)
+def fake_quantize_activation(x2: torch.Tensor, scale=None, zero=None, outliers=None) -> torch.Tensor:
+    """What the w8a8 kernel multiplies, in float: dequantize(quantize_activation(x2)); the
+    `outliers` channels (indices) of a -oN static scheme pass through as they are."""
+    xi = x2 if outliers is None else x2.index_fill(1, outliers.long(), 0.0)
+    q, s = quantize_activation(xi, scale, zero)
     shift = 0.0 if zero is None else 128.0 - zero.float().reshape(1, 1)
-    return (q.float() + shift) * s
+    out = (q.float() + shift) * s
+    if outliers is not None:
+        idx = outliers.long()
+        out = out.index_copy(1, idx, x2.float().index_select(1, idx))
+    return out
 
 
-def with_act_range(qw: QuantizedWeight, scale: torch.Tensor, zero: "torch.Tensor | None") -> QuantizedWeight:
-    """`qw` with the frozen activation scale (and zero point) of a static scheme attached."""
+def top_channels(absmax: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices (sorted, int32) of the `n` channels with the largest calibrated |x| (ties: lower
+    index first): the float channels of a -oN static scheme."""
+    order = torch.sort(absmax.float(), descending=True, stable=True).indices[:n]
+    return torch.sort(order).values.to(torch.int32)
+
+
+def with_act_range(qw: QuantizedWeight, scale: torch.Tensor, zero: "torch.Tensor | None",
+                   outliers: "torch.Tensor | None" = None) -> QuantizedWeight:
+    """`qw` with the frozen activation scale (and zero point, and float channels) of a static
+    scheme attached."""
     tensors = dict(qw.tensors)
+    n_out = qw.scheme.act_outliers
+    if n_out:
+        if outliers is None or outliers.numel() != n_out:
+            raise ValueError(f"{qw.scheme.name} keeps {n_out} input channels in float: it needs their indices")
+        tensors["in_outliers"] = outliers.detach().reshape(-1).to(torch.int32).clone()
     tensors["in_scale"] = scale.detach().float().reshape(1).clone()
     if not qw.scheme.act_symmetric:
         if zero is None:

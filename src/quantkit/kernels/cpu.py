@@ -42,18 +42,19 @@ def _int8_mm_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _pick_int8_mm() -> str:
-    """"int_mm" (torch._int_mm) where this CPU has a fast int8 GEMM (VNNI/AMX), else "float".
+    """"int_mm" (torch._int_mm) where this CPU has int8 dot-product instructions (VNNI/AMX),
+    else "float".
 
-    torch._int_mm is fast on CPUs with AVX512-VNNI, but 20-50x slower than fp32 on AVX2-only
-    CPUs, where it has no vectorised path; fbgemm's u8 x s8 kernels saturate 16-bit
+    torch._int_mm is fast on CPUs with AVX512-VNNI or AMX, but 20-50x slower than fp32 on
+    AVX2-only CPUs, where it has no vectorised path; fbgemm's u8 x s8 kernels saturate 16-bit
     intermediates there unless activations are cut to 7 bits (benchmarks/int8_gemm.py shows
-    both). Both backends give the same int32 results, so the choice only affects speed: it is
-    made once per process by timing both on a small problem, or forced with
-    QUANTKIT_INT8_MM=int_mm|float. The float backend converts the int8 weight to float32 on
-    every call (a float copy kept per layer would cost 4x the weight's memory).
+    both). Both backends give the same int32 results, so the choice only affects speed. It is
+    made from the CPU's features, not by timing: a timing probe on a busy machine once picked
+    the 50x slower backend. QUANTKIT_INT8_MM=int_mm|float forces it. The float backend
+    converts the int8 weight to float32 on every call (a float copy kept per layer would cost
+    4x the weight's memory).
     """
     import os
-    import time
 
     forced = os.environ.get("QUANTKIT_INT8_MM")
     if forced in ("int_mm", "float"):
@@ -61,21 +62,9 @@ def _pick_int8_mm() -> str:
     if forced:
         import logging
 
-        logging.getLogger(__name__).warning("QUANTKIT_INT8_MM=%s is not int_mm or float; timing both instead", forced)
-    g = torch.Generator().manual_seed(0)
-    a = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=g)
-    b = torch.randint(-127, 128, (512, 256), dtype=torch.int8, generator=g)
-    best = {}
-    for name, fn in (("int_mm", torch._int_mm), ("float", _int8_mm_float)):
-        try:
-            fn(a, b)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                fn(a, b)
-            best[name] = time.perf_counter() - t0
-        except RuntimeError:  # no _int_mm for this build/CPU
-            continue
-    return min(best, key=best.get)
+        logging.getLogger(__name__).warning("QUANTKIT_INT8_MM=%s is not int_mm or float; choosing from the CPU", forced)
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_vnni_supported", "_is_amx_tile_supported")]
+    return "int_mm" if any(p is not None and p() for p in probes) else "float"
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -162,7 +151,38 @@ class FloatKernel(Kernel):
         xw = x.to(w.dtype)
         if w.dtype != torch.float32 and xw.numel() == shape[1]:  # one row (decode): 16-bit gemv is
             return torch.mv(w, xw.reshape(-1)).reshape(*x.shape[:-1], shape[0]).to(x.dtype)  # ~1.6x faster than mm
+        if w.dtype != torch.float32 and w.device.type == "cpu" and xw.numel() >= WIDEN_MIN_ROWS * shape[1] \
+                and not _native_16bit_gemm():
+            return _widened_linear(xw, w).to(x.dtype)
         return F.linear(xw, w).to(x.dtype)
+
+
+WIDEN_MIN_ROWS = 32  # from this many input rows, a 16-bit GEMM without native support goes through fp32
+WIDEN_CHUNK = 8192  # weight rows widened to fp32 at a time (bounds the temporary copy)
+_NATIVE_16BIT: bool | None = None
+
+
+def _native_16bit_gemm() -> bool:
+    """Whether this CPU multiplies bf16/fp16 matrices natively (AVX512-BF16 or AMX). Without,
+    torch's 16-bit GEMM is 5x slower than widening the weight to fp32 chunk by chunk
+    (measured on an AVX2 EPYC: a 512 x 576 x 49152 bf16 head, 6.6 s vs 1.3 s)."""
+    global _NATIVE_16BIT
+    if _NATIVE_16BIT is None:
+        probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        _NATIVE_16BIT = any(p is not None and p() for p in probes)
+    return _NATIVE_16BIT
+
+
+def _widened_linear(xw: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(xw, w) for 16-bit xw and w, computed as the 16-bit GEMM defines it: the 16-bit
+    operands' exact products summed in fp32 and the result rounded to w.dtype; the weight is
+    widened WIDEN_CHUNK rows at a time (the output is built transposed, so each chunk's rows
+    are contiguous)."""
+    x2 = xw.reshape(-1, xw.shape[-1]).float().t()
+    out = torch.empty(w.shape[0], x2.shape[1], dtype=torch.float32)
+    for i in range(0, w.shape[0], WIDEN_CHUNK):
+        torch.mm(w[i:i + WIDEN_CHUNK].float(), x2, out=out[i:i + WIDEN_CHUNK])
+    return out.t().to(w.dtype).reshape(*xw.shape[:-1], w.shape[0])
 
 
 class Int8Kernel(Kernel):
@@ -299,7 +319,8 @@ class Int4Kernel(Kernel):
     @staticmethod
     def matmul(x, buffers, scheme, shape):
         xb = _flat(x).to(ACT_DTYPE)
-        y = torch._weight_int4pack_mm_for_cpu(xb, buffers["packed"], int(buffers["kgroup"]), buffers["sz"])
+        kg = shape[1] // buffers["sz"].shape[0]  # the kernel group, from a shape (no tensor read per call)
+        y = torch._weight_int4pack_mm_for_cpu(xb, buffers["packed"], kg, buffers["sz"])
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
 
@@ -358,6 +379,9 @@ class W8A8Kernel(Kernel):
     each row), or with the frozen per-tensor scale of a static scheme (`w8a8-static-*`, the
     "in_scale"/"in_zero" parts its calibration stored). Affine activations x = s(u - z),
     u in [0, 255], run as int8 u - 128 with the correction s_x·s_w·(128 - z)·Σ_k W_q[n, k].
+    A -oN static scheme keeps N input channels O (fixed at calibration, "in_outliers") in
+    float: they are zeroed before the activation quantization (zero is exact on the int8
+    grid) and go through a float matmul with their dequantized weight columns, y += x[:, O] Ŵ[:, O]ᵀ.
 
         y[m, n] = s_x[m] · s_w[n] · Σ_k x_q[m, k] · W_q[n, k]
     """
@@ -376,9 +400,12 @@ class W8A8Kernel(Kernel):
                              "calibration data (--calib) rather than on its own")
         q, scale, _, _ = int_codes(qw)
         b = {"q": q.to(torch.int8), "scale16": qw.tensors["scale"], "scale": scale.reshape(-1)}
-        for k in ("in_scale", "in_zero"):
+        for k in ("in_scale", "in_zero", "in_outliers"):
             if k in qw.tensors:
                 b[k] = qw.tensors[k]
+        if "in_outliers" in qw.tensors:  # the float channels' index and dequantized weight columns
+            b["out_idx"] = qw.tensors["in_outliers"].long()
+            b["w_out"] = q[:, b["out_idx"]].float() * scale.reshape(-1, 1)
         if "in_zero" in qw.tensors:  # (128 - z)·s_x·s_w·rowsum(W_q), folded into one vector
             corr = (128 - qw.tensors["in_zero"].float()) * qw.tensors["in_scale"].float()
             b["zterm"] = corr * scale.reshape(-1) * q.sum(1).float()
@@ -387,7 +414,7 @@ class W8A8Kernel(Kernel):
     @staticmethod
     def unpack(buffers, scheme, shape):
         qw = from_int_codes(scheme, buffers["q"].to(torch.int32), buffers["scale16"], None)
-        for k in ("in_scale", "in_zero"):
+        for k in ("in_scale", "in_zero", "in_outliers"):
             if k in buffers:
                 qw.tensors[k] = buffers[k]
         return qw
@@ -401,6 +428,9 @@ class W8A8Kernel(Kernel):
     @staticmethod
     def matmul(x, buffers, scheme, shape, stats=None):
         x2 = _flat(x).float()
+        idx = buffers.get("out_idx")
+        if idx is not None:
+            xo, x2 = x2.index_select(1, idx), x2.index_fill(1, idx, 0.0)
         xq, sx = quantize_activation(x2, buffers.get("in_scale"), buffers.get("in_zero"))
         if stats is not None:
             stats["clipped"] += int(clipped_count(xq, buffers.get("in_zero")))
@@ -408,6 +438,8 @@ class W8A8Kernel(Kernel):
         y = int8_mm(xq, buffers["q"].t()).float() * (sx * buffers["scale"])
         if "zterm" in buffers:
             y = y + buffers["zterm"]
+        if idx is not None:
+            y = y + xo @ buffers["w_out"].t()
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
 

@@ -39,6 +39,9 @@ def check_qat_scheme(scheme: Scheme, lsq: bool = False) -> None:
     if scheme.kind == "llm-int8":
         raise SchemeError("llm-int8 splits outlier columns at run time, which QAT does not simulate; "
                           "train int8 (or w8a8-dynamic) instead")
+    if scheme.act_outliers:
+        raise SchemeError(f"{scheme.name} keeps calibrated float channels, which QAT does not learn; "
+                          f"train {scheme.name.rsplit('-o', 1)[0]} instead")
     if lsq and scheme.kind != "int":
         raise SchemeError(f"learnable scales (LSQ) are for integer schemes (int4-g128, int3-g128, ...), not {scheme.name}")
 
