@@ -3,7 +3,9 @@
 One row per variant: fp32, int8 weight-only (for reference), w8a8-dynamic (per-token scales at
 run time, also with SmoothQuant alpha 0.5), and w8a8-static with each observer (minmax, ema,
 entropy, mse, percentile), each also with SmoothQuant (alpha chosen per layer group, "auto"),
-and the affine (-asym) variants of minmax and ema with SmoothQuant.
+the affine (-asym) variants of minmax and ema with SmoothQuant, and minmax and ema with 32
+float input channels per layer (-o32) and SmoothQuant. An observer name may carry the
+scheme's suffixes (`minmax-o32`, `ema-asym`).
 Quality: perplexity, KL divergence and top-1 agreement against fp32 on the first --tokens tokens of the evaluation text (windows of 512).
 Calibration: --calib-samples x 512 tokens drawn from the text's last-quarter articles, the
 same samples for every variant. Speed: prefill tokens/s of one forward at batch 1 x 512 and
@@ -48,7 +50,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--observers", default=",".join(ACT_OBSERVERS), help="static rows without SmoothQuant")
-    ap.add_argument("--smoothed", default=",".join(ACT_OBSERVERS) + ",minmax-asym,ema-asym",
+    ap.add_argument("--smoothed", default=",".join(ACT_OBSERVERS) + ",minmax-asym,ema-asym,minmax-o32,ema-o32",
                     help="static rows with SmoothQuant auto (an -asym suffix: affine activations)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved prefill timing rounds")
     ap.add_argument("--no-write", action="store_true")

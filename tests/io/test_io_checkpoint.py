@@ -117,18 +117,23 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8
            torch.float64, torch.int16, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
 
 
+def _safetensors_cases(test):
+    """Property test over random tensor specs (names, dtypes, shapes incl. empty ones), with or
+    without metadata."""
+    specs = st.dictionaries(st.text(alphabet="abcxyz._0123456789", min_size=1, max_size=12),
+                            st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 5), min_size=0, max_size=3)),
+                            min_size=1, max_size=6)
+    return settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])(
+        given(specs=specs, with_meta=st.booleans())(test))
+
+
 def _tensor(dtype, shape):
     if dtype == torch.bool:
         return torch.zeros(shape, dtype=torch.bool)
     return torch.zeros(shape).to(dtype)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(specs=st.dictionaries(
-    st.text(alphabet="abcxyz._0123456789", min_size=1, max_size=12),
-    st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 5), min_size=0, max_size=3)),
-    min_size=1, max_size=6),
-    with_meta=st.booleans())
+@_safetensors_cases
 def test_safetensors_bytes_matches_save_file(tmp_path, specs, with_meta):
     tensors = {k: _tensor(dt, tuple(shape)) for k, (dt, shape) in specs.items()}
     meta = {"format": "quantkit", "format_version": "1", "note": "x" * len(specs)} if with_meta else None
@@ -138,12 +143,7 @@ def test_safetensors_bytes_matches_save_file(tmp_path, specs, with_meta):
     assert est == path.stat().st_size
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(specs=st.dictionaries(
-    st.text(alphabet="abcxyz._0123456789", min_size=1, max_size=12),
-    st.tuples(st.sampled_from(_DTYPES), st.lists(st.integers(0, 5), min_size=0, max_size=3)),
-    min_size=1, max_size=6),
-    with_meta=st.booleans())
+@_safetensors_cases
 def test_safetensors_header_matches_save_file(tmp_path, specs, with_meta):
     from quantkit.io.checkpoint import _safetensors_header
 

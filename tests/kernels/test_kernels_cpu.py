@@ -247,3 +247,14 @@ def test_widened_16bit_linear_is_the_16bit_gemm(dtype):
     assert torch.allclose(y.double(), exact, rtol=tol, atol=1e-4)  # atol: fp32 summation of cancelling terms
     if dtype == torch.bfloat16:  # (torch's own fp16 CPU GEMM rounds along the way: it is further off)
         assert torch.allclose(torch.nn.functional.linear(x, w).double(), y.double(), rtol=2 * tol, atol=1e-6)
+
+
+def test_widened_16bit_linear_keeps_gradients():
+    """QLoRA trains through a 16-bit base: the widened path must pass gradients to the input."""
+    from quantkit.kernels import cpu
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 32, generator=g).bfloat16()
+    x = torch.randn(40, 32, generator=g).bfloat16().requires_grad_()
+    cpu._widened_linear(x, w).float().sum().backward()
+    assert torch.allclose(x.grad.float(), w.float().sum(0).expand(40, 32), rtol=1e-2)

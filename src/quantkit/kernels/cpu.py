@@ -177,7 +177,10 @@ def _widened_linear(xw: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(xw, w) for 16-bit xw and w, computed as the 16-bit GEMM defines it: the 16-bit
     operands' exact products summed in fp32 and the result rounded to w.dtype; the weight is
     widened WIDEN_CHUNK rows at a time (the output is built transposed, so each chunk's rows
-    are contiguous)."""
+    are contiguous). Under autograd (QLoRA trains through a 16-bit base) the same product is
+    one differentiable float matmul instead (torch.mm with out= has no gradient)."""
+    if torch.is_grad_enabled() and (xw.requires_grad or w.requires_grad):
+        return F.linear(xw.float(), w.float()).to(w.dtype)
     x2 = xw.reshape(-1, xw.shape[-1]).float().t()
     out = torch.empty(w.shape[0], x2.shape[1], dtype=torch.float32)
     for i in range(0, w.shape[0], WIDEN_CHUNK):
@@ -251,7 +254,9 @@ def _int4pack_positions(n: int, k: int) -> torch.Tensor:
             packed = torch._convert_weight_to_int4pack_for_cpu(plane, 1).reshape(-1)
             nib = torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1).to(torch.int64)
             src |= nib << bit
-        _INT4_PERM[key] = src  # src[p] = flat (row, col) index stored at nibble p
+        # src[p] = flat (row, col) index stored at nibble p; kept as int32 (half the memory of a
+        # permanent int64 table per shape), widened only while it is used
+        _INT4_PERM[key] = src.to(torch.int32) if n * k < 2**31 else src
     return _INT4_PERM[key]
 
 
@@ -310,7 +315,7 @@ class Int4Kernel(Kernel):
         packed = buffers["packed"].reshape(-1)
         nib = torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1).to(torch.int32)
         c = torch.empty(n * k, dtype=torch.int32)
-        c[_int4pack_positions(n, k)] = nib
+        c[_int4pack_positions(n, k).long()] = nib
         c = c.reshape(n, k)
         zero = buffers.get("st_zero")
         q = c - 8 + 2 ** (scheme.bits - 1) if zero is not None else c - 8
