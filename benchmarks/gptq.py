@@ -6,6 +6,7 @@ on the same windows against the same fp32 reference. Prints the table and writes
 docs/benchmarks.md.
 
     python benchmarks/gptq.py [--text ../shared/data/wikitext-2-raw/wiki.test.raw] [--tokens 8192]
+                              [--stream-batch-size 4]
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--schemes", default="int4-g128,int3-g128")
+    ap.add_argument("--stream-batch-size", type=int, default=4,
+                    help="also stream the first scheme with this many samples per forward (0: skip)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     model, tok = qk.load(a.model)
@@ -38,8 +41,10 @@ def main():
             runs = [("rtn", []), ("gptq", [])]
             if scheme == a.schemes.split(",")[0]:  # streaming once: same bytes, other memory profile
                 runs.append(("gptq", ["--offload-dir", f"{d}/offload"]))
+                if a.stream_batch_size:  # and with smaller calibration forwards (less memory, other bytes)
+                    runs.append(("gptq", ["--offload-dir", f"{d}/offload", "--batch-size", str(a.stream_batch_size)]))
             for method, extra in runs:
-                out = f"{d}/{scheme}-{method}{'-stream' if extra else ''}"
+                out = f"{d}/{scheme}-{method}{'-stream' if extra else ''}{len(extra)}"
                 calib = ["--calib", a.text, "--calib-samples", str(a.samples)] if method == "gptq" else []
                 s = run_cli(["quantize", a.model, "--scheme", scheme, "--method", method, "--out", out, *calib, *extra])
                 m2, _ = qk.load(out)
@@ -47,7 +52,8 @@ def main():
                 if method == "rtn":
                     base = ppl
                 closed = None if method == "rtn" else 100 * (base - ppl) / (base - ref.perplexity)
-                label = method + (" (streaming)" if extra else "")
+                label = method + (" (streaming)" if len(extra) == 2 else "") + \
+                    (f" (streaming, --batch-size {extra[3]})" if len(extra) == 4 else "")
                 rows.append((scheme, label, ppl, closed, s["quantize_seconds"], s["peak_rss_bytes"],
                              s["peak_rss_bytes"] - s["baseline_rss_bytes"]))
                 print(rows[-1], flush=True)

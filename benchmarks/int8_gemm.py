@@ -6,7 +6,10 @@ reports each as a ratio to fp32. It also checks exactness on the worst case (eve
 for both int8 backends and for fbgemm's u8 x s8 static linear (torch's quantized engine),
 which saturates 16-bit intermediates on CPUs without VNNI. And, for the 16-bit head that
 quantized models keep by default, torch's bf16 GEMM against quantkit's widened path
-(`kernels.cpu._widened_linear`, used where the CPU has no native bf16 GEMM).
+(`kernels.cpu._widened_linear`, used where the CPU has no native bf16 GEMM). Last, the packed
+int4/int8 weight-only kernels against their widened path (the exact dequantized weight, fp32
+GEMM) by number of rows: where they cross is where `WIDEN_INT4_MIN_ROWS` and
+`WIDEN_INT8_MIN_ROWS` are set.
 
     python benchmarks/int8_gemm.py [--m 4096] [--repeats 3] [--no-write]
 """
@@ -20,7 +23,9 @@ import torch
 
 import torch.nn.functional as F
 
-from quantkit.kernels.cpu import _int8_mm_float, _native_16bit_gemm, _pick_int8_mm, _widened_linear
+from quantkit.formats import quantize
+from quantkit.kernels import cpu
+from quantkit.kernels.cpu import Int4Kernel, Int8Kernel, _int8_mm_float, _native_16bit_gemm, _pick_int8_mm, _widened_linear
 
 from _common import write_section
 
@@ -46,6 +51,32 @@ def fbgemm_worst_case(k: int = 576, n: int = 64) -> tuple[float, float]:
     x = torch.full((1, k), 127.0)  # uint8 code 255 with zero point 128
     got = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 1.0, 128, packed)
     return float(got[0, 0]), float((x @ w.t())[0, 0])
+
+
+def weight_only_rows(repeats: int, rows=(1, 16, 64, 256, 512, 1024, 4096)) -> str:
+    """Packed bf16 kernel vs widened fp32 path, ms per call, for SmolLM2's MLP up-projection shape."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1536, 576, generator=g) * 0.02
+    lines = ["| scheme (1536 x 576) | rows | packed kernel ms | widened fp32 ms | packed / widened |",
+             "|---|---:|---:|---:|---:|"]
+    saved = (cpu._NATIVE_16BIT, cpu.WIDEN_INT4_MIN_ROWS, cpu.WIDEN_INT8_MIN_ROWS)
+    try:
+        cpu._NATIVE_16BIT = False
+        for scheme, kernel in (("int4-g64", Int4Kernel), ("int8", Int8Kernel)):
+            qw = quantize(w, scheme)
+            b = kernel.pack(qw)
+            for m in rows:
+                x = torch.randn(m, 576, generator=g)
+                cpu.WIDEN_INT4_MIN_ROWS = cpu.WIDEN_INT8_MIN_ROWS = 10 ** 9  # packed kernel
+                tp = best_time(lambda: kernel.matmul(x, b, qw.scheme, qw.shape), repeats)
+                cpu.WIDEN_INT4_MIN_ROWS = cpu.WIDEN_INT8_MIN_ROWS = 1  # widened
+                tw = best_time(lambda: kernel.matmul(x, b, qw.scheme, qw.shape), repeats)
+                lines.append(f"| {scheme} | {m} | {1e3 * tp:.2f} | {1e3 * tw:.2f} | {tp / tw:.2f} |")
+    finally:
+        cpu._NATIVE_16BIT, cpu.WIDEN_INT4_MIN_ROWS, cpu.WIDEN_INT8_MIN_ROWS = saved
+    return "\n".join(lines) + (f"\n\nSet from this: widen from {cpu.WIDEN_INT4_MIN_ROWS} rows (int4), "
+                               f"{cpu.WIDEN_INT8_MIN_ROWS} rows (int8), on CPUs without a native 16-bit GEMM "
+                               f"(this one: native {_native_16bit_gemm()}).")
 
 
 def main():
@@ -84,6 +115,8 @@ def main():
              f"{1e3 * tw:.0f} ms ({th / tw:.2f}× faster); FloatKernel widens here: "
              f"**{'no' if _native_16bit_gemm() else 'yes'}** (native 16-bit GEMM: {_native_16bit_gemm()})."]
     body = "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in notes)
+    body += "\n\nWeight-only packed kernels vs widened fp32 path, by rows (best of repeats):\n\n"
+    body += weight_only_rows(max(a.repeats, 5))
     print(body)
     if not a.no_write:
         write_section("int8-gemm", "int8 GEMM backends", body, per_cpu=True)

@@ -154,19 +154,34 @@ class _Stop(Exception):
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, calib: torch.Tensor, batch_size: int):
-    """[(hidden_states [B, L, D], kwargs)] at the input of `block` for each batch of `calib`."""
+    """[(hidden_states [B, L, D], kwargs)] at the input of `block` for each batch of `calib`.
+
+    The hidden states are views of one [samples, L, D] tensor, filled batch by batch, which the
+    walk then overwrites block after block (`quantize_blocks`): one allocation of the full size
+    (an mmap of its own for glibc), not a chunk per batch, so the long-lived activations never
+    sit between the block forward's temporaries in the heap and the end-of-block trim can give
+    all of those back.
+    """
     store = []
+    buf: list[torch.Tensor] = []
+    n = calib.shape[0]
 
     def hook(mod, args, kwargs):
         kw = dict(kwargs)
         h = args[0] if args else kw.pop("hidden_states")
-        store.append((h.detach(), {k: v for k, v in kw.items() if k != "hidden_states"}))
+        kw = {k: v for k, v in kw.items() if k != "hidden_states"}
+        i = sum(x.shape[0] for x, _ in store)
+        if not buf:
+            buf.append(torch.empty((n, *h.shape[1:]), dtype=h.dtype, device=h.device))
+        view = buf[0][i:i + h.shape[0]]
+        view.copy_(h.detach())
+        store.append((view, kw))
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            for i in range(0, calib.shape[0], batch_size):
+            for i in range(0, n, batch_size):
                 try:
                     model(input_ids=calib[i:i + batch_size], use_cache=False)
                 except _Stop:
@@ -230,8 +245,12 @@ def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qua
             del cols
         with torch.no_grad():  # in place, batch by batch: one set of activations alive, not two
             for i, (h, kw) in enumerate(inputs):
-                inputs[i] = (_run(block, h, kw), kw)
-                del h
+                out = _run(block, h, kw)
+                if out.shape == h.shape and out.dtype == h.dtype:
+                    h.copy_(out)  # into the shared buffer (capture_block_inputs): h is not read again
+                else:
+                    inputs[i] = (out, kw)
+                del h, out
         trim_heap()  # the block's Hessians and temporaries are freed: give the heap back (glibc keeps it)
     for name, (sc, _) in plans.items():  # layers kept in high precision are "done" too
         if name.startswith(fam.blocks + ".") and sc is None:

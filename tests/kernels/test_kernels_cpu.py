@@ -258,3 +258,65 @@ def test_widened_16bit_linear_keeps_gradients():
     x = torch.randn(40, 32, generator=g).bfloat16().requires_grad_()
     cpu._widened_linear(x, w).float().sum().backward()
     assert torch.allclose(x.grad.float(), w.float().sum(0).expand(40, 32), rtol=1e-2)
+
+
+WIDE_SCHEMES = ["int8", "int8-asym", "int7", "int5", "int8-tensor", "int4-g32", "int4-g64-sym", "int4", "int4-tensor",
+                "int3-g32", "int2-g64", "int4-g64"]
+
+
+@pytest.fixture
+def widen_everything(monkeypatch):
+    """Make the fp32 path of the packed weight-only kernels run from one row, in chunks of 32
+    weight rows, as it does on a CPU without a native 16-bit GEMM (whatever this CPU has)."""
+    from quantkit.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_NATIVE_16BIT", False)
+    monkeypatch.setattr(cpu, "WIDEN_INT4_MIN_ROWS", 1)
+    monkeypatch.setattr(cpu, "WIDEN_INT8_MIN_ROWS", 1)
+    monkeypatch.setattr(cpu, "WIDEN_CHUNK", 32)
+    return cpu
+
+
+@pytest.mark.parametrize("shape", [(96, 256), (64, 576), (32, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("scheme", WIDE_SCHEMES)
+def test_widened_packed_kernels_use_the_exact_dequantized_weight(widen_everything, scheme, shape):
+    """Many-row (prefill, calibration) int4/int8 matmuls on CPUs without a native bf16 GEMM
+    dequantize the weight chunk by chunk from the stored scale/zero and run fp32: the result is
+    x @ dequantize(qw).T to fp32 summation order, not the bf16 kernels' 1e-3 (several chunks,
+    the last one short for 96 rows)."""
+    qw = quantize(_weight(shape, seed=5), scheme)
+    kernel = pick_kernel(qw)
+    assert kernel in (Int4Kernel, Int8Kernel)
+    x = torch.randn(3, 5, shape[1], generator=torch.Generator().manual_seed(8))
+    y = kernel.matmul(x, kernel.pack(qw), qw.scheme, qw.shape)
+    ref = x.double() @ qw.dequantize().double().T
+    assert y.shape == (3, 5, shape[0]) and y.dtype == x.dtype
+    rel = float((y.double() - ref).norm() / ref.norm())
+    assert rel < TIGHT, f"{kernel.name} {scheme}: relative error {rel:.3g}"
+
+
+def test_widened_int4_falls_back_to_the_packed_kernel_when_it_cannot_unpack(widen_everything, monkeypatch):
+    """Rows not a multiple of 32 (the layout's blocks), or a torch whose int4 layout is not the
+    probed one: the packed bf16 kernel runs, still within its own tolerance."""
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(9))
+    for rows, layout_known in [(48, True), (64, False)]:
+        qw = quantize(_weight((rows, 576)), "int4-g32")
+        if not layout_known:
+            monkeypatch.setitem(widen_everything._INT4_BLOCK, 576, None)
+        y = Int4Kernel.matmul(x, Int4Kernel.pack(qw), qw.scheme, qw.shape)
+        ref = x.double() @ qw.dequantize().double().T
+        rel = float((y.double() - ref).norm() / ref.norm())
+        assert TIGHT * 10 < rel < BF16_TOL  # the bf16 kernel's error: not the widened path
+
+
+def test_widened_path_is_chosen_by_rows_and_cpu(monkeypatch):
+    """Few rows (decode) keep the packed kernel; so does a CPU with a native 16-bit GEMM, and a
+    forward that needs gradients through x."""
+    from quantkit.kernels import cpu
+
+    x = torch.zeros(8, 64)
+    monkeypatch.setattr(cpu, "_NATIVE_16BIT", False)
+    assert cpu._widen_packed(x, 64, 8) and not cpu._widen_packed(x, 64, 9)
+    assert not cpu._widen_packed(x.requires_grad_(), 64, 8)
+    monkeypatch.setattr(cpu, "_NATIVE_16BIT", True)
+    assert not cpu._widen_packed(torch.zeros(8, 64), 64, 8)

@@ -5,15 +5,20 @@ each row of W is 2 X Xᵀ; GPTQ uses its mean over the n calibration rows.
 
 Accumulation strategy:
 
-* float64 throughout: inputs (float32 or bf16) are cast to float64 before the product, so
-  the sum of many rank-m updates loses nothing that matters to the Cholesky solve.
+* float32 products, float64 sum: each chunk of at most CHUNK_ROWS rows gives XᵀX as one
+  float32 GEMM (inputs are float32 or bf16, so the operands are exact), which is added to a
+  float64 accumulator. Within a chunk the error of a sum of m products is at most ~m·2⁻²⁴
+  relative (typically √m·2⁻²⁴, ~3e-6 for m = 2048); across chunks nothing more is lost, so
+  the error does not grow with the number of calibration tokens. GPTQ dampens H by 1% of its
+  mean diagonal, four orders of magnitude above this. A float64 GEMM is 2-3x slower on the
+  CPUs we target (SmolLM2's 128 x 512 calibration: ~7 s vs ~3 s per block), so the strategy
+  halves the biggest share of GPTQ's statistics time.
 * running mean: after n rows, adding m rows X [m, in] gives
   H ← H · n/(n+m) + 2/(n+m) · XᵀX, so H is always 2/n · Σ x xᵀ over the rows seen so far —
-  the same matrix (up to float64 rounding) however the rows are split into batches, with
+  the same matrix (up to the rounding above) however the rows are split into batches, with
   no division by a count that is only known at the end.
 * any leading shape: x [..., in] is flattened to rows [N, in] (Linear and transformers'
-  Conv1D inputs alike); rows are cast in chunks so a large batch never needs a full
-  float64 copy at once.
+  Conv1D inputs alike), taken CHUNK_ROWS at a time.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import torch
 
 from ..errors import QuantkitError
 
-CHUNK_ROWS = 8192  # rows cast to float64 at a time
+CHUNK_ROWS = 2048  # rows per float32 product (bounds its rounding error, see above)
 
 
 class HessianAccumulator:
@@ -45,10 +50,10 @@ class HessianAccumulator:
         if self._h is None:
             self._h = torch.zeros(d, d, dtype=torch.float64, device=rows.device)
         for i in range(0, rows.shape[0], CHUNK_ROWS):
-            xc = rows[i:i + CHUNK_ROWS].to(device=self._h.device, dtype=torch.float64)  # [m, in]
+            xc = rows[i:i + CHUNK_ROWS].to(device=self._h.device, dtype=torch.float32)  # [m, in]
             m = xc.shape[0]
             total = self.n + m
-            self._h.mul_(self.n / total).add_(xc.T @ xc, alpha=2.0 / total)
+            self._h.mul_(self.n / total).add_((xc.T @ xc).to(torch.float64), alpha=2.0 / total)
             self.n = total
 
     @property

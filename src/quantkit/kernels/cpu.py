@@ -159,6 +159,13 @@ class FloatKernel(Kernel):
 
 WIDEN_MIN_ROWS = 32  # from this many input rows, a 16-bit GEMM without native support goes through fp32
 WIDEN_CHUNK = 8192  # weight rows widened to fp32 at a time (bounds the temporary copy)
+# From this many input rows, on a CPU without a native 16-bit GEMM, the packed int4/int8
+# weight-only kernels (which compute in bf16) are slower than dequantizing the weight to fp32
+# chunk by chunk and running torch's fp32 GEMM; prefill and calibration passes take that path
+# (the exact dequantized weight), decode keeps the packed kernels. Crossovers measured by
+# benchmarks/int8_gemm.py (AVX2 EPYC, 2026-11-30).
+WIDEN_INT4_MIN_ROWS = 512
+WIDEN_INT8_MIN_ROWS = 64
 _NATIVE_16BIT: bool | None = None
 
 
@@ -220,6 +227,18 @@ class Int8Kernel(Kernel):
         return b
 
     @staticmethod
+    def _rows(buffers, scheme, r0: int, r1: int) -> torch.Tensor:
+        """Exact fp32 dequantized weight rows [r0, r1), from the stored fp16 scale and zero."""
+        q = buffers["q"][r0:r1].float()
+        s16 = buffers["scale16"]
+        s = (s16 if s16.shape[0] == 1 else s16[r0:r1]).float()  # [rows or 1, 1]
+        zero = buffers.get("zero8")
+        if zero is not None:  # stored q - 2^(b-1); w = s * (q + 2^(b-1) - Z)
+            z = (zero if zero.shape[0] == 1 else zero[r0:r1]).float()
+            return (q + (2 ** (scheme.bits - 1) - z)) * s
+        return q * s
+
+    @staticmethod
     def unpack(buffers, scheme, shape):
         q = buffers["q"].to(torch.int32)
         zero = buffers.get("zero8")
@@ -229,6 +248,10 @@ class Int8Kernel(Kernel):
 
     @staticmethod
     def matmul(x, buffers, scheme, shape):
+        n, k = shape
+        if _widen_packed(x, k, WIDEN_INT8_MIN_ROWS):
+            y = _widened_rows(_flat(x).float(), n, lambda r0, r1: Int8Kernel._rows(buffers, scheme, r0, r1))
+            return y.reshape(*x.shape[:-1], n).to(x.dtype)
         xb = _flat(x).to(ACT_DTYPE)
         y = torch._weight_int8pack_mm(xb, buffers["q"], buffers["scale_k"])
         if "zterm" in buffers:
@@ -259,6 +282,71 @@ def _int4pack_positions(n: int, k: int) -> torch.Tensor:
         # permanent int64 table per shape), widened only while it is used
         _INT4_PERM[key] = src.to(torch.int32) if n * k < 2**31 else src
     return _INT4_PERM[key]
+
+
+_INT4_BLOCK: dict[int, "torch.Tensor | None"] = {}
+INT4_BLOCK_ROWS = 32
+
+
+def _int4_block_gather(k: int) -> "torch.Tensor | None":
+    """Gather index that puts one 32-row block of torch's CPU int4 layout back in row order.
+
+    Probed on 64 rows: torch stores the codes of each block of 32 output rows contiguously
+    (16 bytes per input column, rows r and r+16 in one byte). If the second block is laid out
+    like the first, shifted by one block, `nibbles_of_block[:, gather]` is that block's codes
+    [32 * k] in row-major order, for any number of rows; otherwise (a future torch with another
+    layout) None, and callers keep torch's packed kernel.
+    """
+    if k not in _INT4_BLOCK:
+        p = _int4pack_positions(2 * INT4_BLOCK_ROWS, k).long()
+        n0 = INT4_BLOCK_ROWS * k
+        first, second = p[:n0], p[n0:]
+        ok = torch.equal(second, first + n0) and torch.equal(torch.sort(first).values, torch.arange(n0))
+        _INT4_BLOCK[k] = torch.argsort(first) if ok else None
+        _INT4_PERM.pop((2 * INT4_BLOCK_ROWS, k), None)  # the probe's table is not needed again
+    return _INT4_BLOCK[k]
+
+
+def _int4_rows(buffers: dict, scheme: Scheme, shape, r0: int, r1: int) -> torch.Tensor:
+    """Exact fp32 dequantized weight rows [r0, r1) (multiples of 32) of an Int4Kernel layer:
+    the stored scale/zero (not the kernel's bf16 copies), so it equals QuantizedWeight.dequantize."""
+    n, k = shape
+    g = _int4_block_gather(k)
+    raw = buffers["packed"].reshape(-1)[r0 * k // 2:r1 * k // 2]
+    nib = torch.stack([raw & 0xF, raw >> 4], -1).reshape((r1 - r0) // INT4_BLOCK_ROWS, -1)
+    c = nib.index_select(1, g).reshape(r1 - r0, k)  # kernel codes, centred on 8
+    scale = buffers["st_scale"]
+    zero = buffers.get("st_zero")
+    ng = scale.shape[1]
+    if scale.shape[0] == 1:  # per tensor
+        scale = scale.expand(n, ng)
+        zero = None if zero is None else zero.expand(n, ng)
+    q = c.reshape(r1 - r0, ng, k // ng).float()
+    # semantic codes: symmetric q = c - 8; affine q = c - 8 + 2^(b-1); w = s * (q - Z)
+    off = (8.0 - 2 ** (scheme.bits - 1)) if zero is not None else 8.0
+    shift = (zero[r0:r1].float() + off) if zero is not None else torch.full((1, 1), off)
+    return ((q - shift[..., None]) * scale[r0:r1].float()[..., None]).reshape(r1 - r0, k)
+
+
+def _widened_rows(x2: torch.Tensor, n: int, rows) -> torch.Tensor:
+    """x2 fp32 [M, K] @ Wᵀ, W built WIDEN_CHUNK rows at a time by rows(r0, r1) -> fp32 [r1-r0, K].
+
+    One chunk (most layers): a plain F.linear, contiguous output. Several: the output is built
+    transposed so that each chunk's rows are contiguous, and returned as a transposed view."""
+    if n <= WIDEN_CHUNK:
+        return F.linear(x2, rows(0, n))
+    xt = x2.t()
+    out = torch.empty(n, x2.shape[0], dtype=torch.float32)
+    for i in range(0, n, WIDEN_CHUNK):
+        j = min(i + WIDEN_CHUNK, n)
+        torch.mm(rows(i, j), xt, out=out[i:j])
+    return out.t()
+
+
+def _widen_packed(x: torch.Tensor, k: int, min_rows: int) -> bool:
+    """Whether an integer weight-only matmul of x [..., k] goes through fp32 (WIDEN_INT4_MIN_ROWS)."""
+    return x.numel() >= min_rows * k and x.device.type == "cpu" and not _native_16bit_gemm() \
+        and not (x.requires_grad and torch.is_grad_enabled())
 
 
 def _kernel_group(k: int, group: int) -> int | None:
@@ -324,6 +412,11 @@ class Int4Kernel(Kernel):
 
     @staticmethod
     def matmul(x, buffers, scheme, shape):
+        n, k = shape
+        if _widen_packed(x, k, WIDEN_INT4_MIN_ROWS) and n % INT4_BLOCK_ROWS == 0 \
+                and _int4_block_gather(k) is not None:
+            y = _widened_rows(_flat(x).float(), n, lambda r0, r1: _int4_rows(buffers, scheme, shape, r0, r1))
+            return y.reshape(*x.shape[:-1], n).to(x.dtype)
         xb = _flat(x).to(ACT_DTYPE)
         kg = shape[1] // buffers["sz"].shape[0]  # the kernel group, from a shape (no tensor read per call)
         y = torch._weight_int4pack_mm_for_cpu(xb, buffers["packed"], kg, buffers["sz"])
