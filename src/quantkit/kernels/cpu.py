@@ -172,7 +172,7 @@ _NATIVE_16BIT: bool | None = None
 def _native_16bit_gemm() -> bool:
     """Whether this CPU multiplies bf16/fp16 matrices natively (AVX512-BF16 or AMX). Without,
     torch's 16-bit GEMM is several times slower than widening the weight to fp32 chunk by
-    chunk (benchmarks/int8_gemm.py: a 512 x 576 x 49152 bf16 head, 1580 ms vs 237 ms on an
+    chunk (benchmarks/int8_gemm.py: a 512 x 576 x 49152 bf16 head, 1656 ms vs 255 ms on an
     AVX2 EPYC, 2026-11-30)."""
     global _NATIVE_16BIT
     if _NATIVE_16BIT is None:
