@@ -6,6 +6,11 @@ slow phases of the machine hit every model alike. Prints the table and writes it
 docs/benchmarks.md.
 
     python benchmarks/decode_speed.py [--model smollm2] [--tokens 64] [--rounds 5]
+                                      [--compile] [--variants fp32,int8,int4-g128]
+
+--compile runs every model's decode steps through torch.compile with a StaticCache
+(evaluate.speed.decode_speed(compile=True)), fp32 included: transformers' per-layer Python
+overhead, paid by every model alike, goes away, and what remains is the matmuls.
 """
 from __future__ import annotations
 
@@ -39,19 +44,23 @@ def main():
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model's decode steps (StaticCache)")
+    ap.add_argument("--variants", default=None, help="comma-separated labels to run (default: all); fp32 always runs")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model, tok = qk.load(a.model)
     ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
     models = {}
+    keep = None if a.variants is None else {"fp32", *a.variants.split(",")}
     for label, scheme, head in VARIANTS:
-        models[label] = model if scheme is None else qk.quantize(model, scheme, head=head, progress=False)
+        if keep is None or label in keep:
+            models[label] = model if scheme is None else qk.quantize(model, scheme, head=head, progress=False)
     gc.collect()
     best = {k: 0.0 for k in models}
     for r in range(a.rounds):
         for label, m in models.items():
-            tps = decode_speed(m, ids, new_tokens=a.tokens)["decode_tokens_per_s"]
+            tps = decode_speed(m, ids, new_tokens=a.tokens, compile=a.compile)["decode_tokens_per_s"]
             best[label] = max(best[label], tps)
         print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in best.items()), flush=True)
     base = best["fp32"]
@@ -64,7 +73,9 @@ def main():
     table = "\n".join(lines)
     print(table)
     if not a.no_write:
-        write_section("decode-speed", f"Decode speed at batch 1 ({a.model}, {a.tokens} tokens, best of {a.rounds} interleaved rounds)",
+        how = ", decode steps through torch.compile with a StaticCache" if a.compile else ""
+        write_section("decode-speed-compiled" if a.compile else "decode-speed",
+                      f"Decode speed at batch 1 ({a.model}, {a.tokens} tokens, best of {a.rounds} interleaved rounds{how})",
                       table, per_cpu=True)
 
 

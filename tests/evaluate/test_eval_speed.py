@@ -71,3 +71,18 @@ def test_greedy_generate_text(tiny_llama):
     first = expected.index(cut)
     text = greedy_generate(tiny_llama, _word_tokenizer(eos=f"w{cut}"), prompt, new_tokens=8)
     assert text == " ".join(f"w{t}" for t in expected[:first])
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("g++") or __import__("shutil").which("c++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_gives_the_cached_greedy_tokens(tiny_llama):
+    """decode_speed(compile=True): a StaticCache and compiled decode steps continue the prompt
+    exactly as the eager loop does (an fp32 model; the graph is built once and reused)."""
+    from quantkit.evaluate.speed import _greedy_compiled
+
+    with torch.inference_mode():
+        got, _ = _greedy_compiled(tiny_llama, PROMPT, 9, cache_len=PROMPT.shape[1] + 10)
+        again, _ = _greedy_compiled(tiny_llama, PROMPT, 9, cache_len=PROMPT.shape[1] + 10)
+    assert torch.equal(got, _naive_greedy(tiny_llama, PROMPT, 10)) and torch.equal(got, again)
+    result = decode_speed(tiny_llama, PROMPT, new_tokens=4, warmup=0, compile=True)
+    assert result["new_tokens"] == 4 and result["decode_tokens_per_s"] > 0
