@@ -86,3 +86,13 @@ def test_compiled_decode_gives_the_cached_greedy_tokens(tiny_llama):
     assert torch.equal(got, _naive_greedy(tiny_llama, PROMPT, 10)) and torch.equal(got, again)
     result = decode_speed(tiny_llama, PROMPT, new_tokens=4, warmup=0, compile=True)
     assert result["new_tokens"] == 4 and result["decode_tokens_per_s"] > 0
+
+
+def test_compiled_decode_without_a_compiler_says_what_to_install(tiny_llama, monkeypatch):
+    import shutil
+
+    from quantkit.errors import QuantkitError
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(QuantkitError, match="C\\+\\+ compiler"):
+        decode_speed(tiny_llama, PROMPT, new_tokens=2, compile=True)

@@ -10,9 +10,9 @@ Accumulation strategy:
   float64 accumulator. Within a chunk the error of a sum of m products is at most ~m·2⁻²⁴
   relative (typically √m·2⁻²⁴, ~3e-6 for m = 2048); across chunks nothing more is lost, so
   the error does not grow with the number of calibration tokens. GPTQ dampens H by 1% of its
-  mean diagonal, four orders of magnitude above this. A float64 GEMM is 2-3x slower on the
-  CPUs we target (SmolLM2's 128 x 512 calibration: ~7 s vs ~3 s per block), so the strategy
-  halves the biggest share of GPTQ's statistics time.
+  mean diagonal, four orders of magnitude above this. A float64 GEMM runs at about half the
+  float32 rate on AVX2/AVX-512 CPUs (half the lanes per vector), so this roughly halves the
+  time of GPTQ's statistics.
 * running mean: after n rows, adding m rows X [m, in] gives
   H ← H · n/(n+m) + 2/(n+m) · XᵀX, so H is always 2/n · Σ x xᵀ over the rows seen so far —
   the same matrix (up to the rounding above) however the rows are split into batches, with

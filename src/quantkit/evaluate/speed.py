@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, StaticCache
 
-from quantkit.errors import DataError
+from quantkit.errors import DataError, QuantkitError
 from quantkit.evaluate.quality import _device_of, _eval_mode
 
 __all__ = ["decode_speed", "greedy_generate", "greedy_tokens", "prefill_speed"]
@@ -130,12 +130,18 @@ def decode_speed(
     is reported as ``{"decode_tokens_per_s", "new_tokens", "seconds"}``.
 
     ``compile=True``: a transformers StaticCache and decode steps through ``torch.compile``
-    (inductor; needs a C++ compiler on CPU). The warm-up (at least one step) compiles, so it
-    takes about a minute per model on a 2-core CPU, untimed; the graph is kept on the model.
+    (inductor; needs a C++ compiler on CPU). The warm-up (at least one step) compiles, untimed,
+    which on a small CPU takes on the order of a minute per model; the graph is kept on the model.
     """
     _check_ids(prompt_ids, batch_one=True)
     if new_tokens < 1 or repeats < 1 or warmup < 0:
         raise ValueError("need new_tokens >= 1, repeats >= 1 and warmup >= 0")
+    if compile and _device_of(model).type == "cpu":
+        import shutil
+
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            raise QuantkitError("compile=True needs a C++ compiler on the PATH for torch.compile on CPU "
+                                "(install g++, e.g. apt install g++), or measure with compile=False")
     with torch.inference_mode(), _eval_mode(model):
         if compile:
             cache_len = prompt_ids.shape[1] + max(new_tokens, warmup) + 1  # one shape: one graph

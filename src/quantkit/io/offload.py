@@ -91,11 +91,12 @@ def keep_heap_small() -> None:
     mmap of its own and goes back to the OS the moment it is freed: resident memory stays what
     is alive, which is the point of streaming.
 
-    It costs time: each temporary is zero-filled by page faults on first touch. Measured on
-    SmolLM2 GPTQ int4-g128 with 32 x 512 calibration tokens (2026-11-30, AVX2 EPYC): 216 s and
-    650 MB peak with 128 KiB, 145 s and 677 MB with 32 MiB (temporaries reused from the heap);
-    at 128 x 512 the 32 MiB heap kept 100-180 MB more (fragmentation between batches), over the
-    streaming memory goal. Quantizing in memory leaves glibc's own (dynamic) thresholds.
+    It costs time: each temporary is zero-filled by page faults on first touch. `quantkit
+    quantize smollm2 --method gptq --scheme int4-g128 --calib wiki.test.raw --calib-samples 32
+    --offload-dir D --json` (2026-11-30, AVX2 EPYC) took 216 s with a 650 MB peak as it is, and
+    145 s with a 677 MB peak with HEAP_MMAP_THRESHOLD edited to 32 MiB (temporaries reused from
+    the heap); at 128 x 512 that edit kept 100-180 MB more (fragmentation between batches),
+    over the streaming memory goal. Quantizing in memory leaves glibc's own (dynamic) thresholds.
     """
     libc = _glibc()
     if libc is not None and hasattr(libc, "mallopt"):
