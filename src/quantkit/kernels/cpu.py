@@ -43,14 +43,16 @@ def _int8_mm_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _pick_int8_mm() -> str:
     """"int_mm" (torch._int_mm) where this CPU has int8 dot-product instructions (VNNI/AMX),
-    else "float".
+    else "avx2" (quantkit's own kernel, kernels/w8a8_avx2.cpp) where it builds, else "float".
 
     torch._int_mm is fast on CPUs with AVX512-VNNI or AMX, but 20-50x slower than fp32 on
     AVX2-only CPUs, where it has no vectorised path; fbgemm's u8 x s8 kernels saturate 16-bit
     intermediates there unless activations are cut to 7 bits (benchmarks/int8_gemm.py shows
-    both). Both backends give the same int32 results, so the choice only affects speed. It is
-    made from the CPU's features, not by timing: a timing probe on a busy machine once picked
-    the 50x slower backend. QUANTKIT_INT8_MM=int_mm|float forces it. The float backend
+    both). quantkit's AVX2 kernel avoids the saturation by multiplying |x_q| by sign(x_q)·W_q
+    (every pair sum stays below 2^15) and quantizes the activations in the same pass. All
+    backends give the same int32 results, so the choice only affects speed. It is made from
+    the CPU's features, not by timing: a timing probe on a busy machine once picked the 50x
+    slower backend. QUANTKIT_INT8_MM=int_mm|avx2|float forces one. The float backend
     converts the int8 weight to float32 on every call (a float copy kept per layer would cost
     4x the weight's memory).
     """
@@ -59,20 +61,38 @@ def _pick_int8_mm() -> str:
     forced = os.environ.get("QUANTKIT_INT8_MM")
     if forced in ("int_mm", "float"):
         return forced
+    if forced == "avx2":
+        from .native import w8a8_avx2, why_not_w8a8_avx2
+
+        if w8a8_avx2() is None:
+            raise RuntimeError(f"QUANTKIT_INT8_MM=avx2, but quantkit's AVX2 kernel cannot run here: "
+                               f"{why_not_w8a8_avx2() or 'its build failed (see the log)'}")
+        return forced
     if forced:
         import logging
 
-        logging.getLogger(__name__).warning("QUANTKIT_INT8_MM=%s is not int_mm or float; choosing from the CPU", forced)
+        logging.getLogger(__name__).warning("QUANTKIT_INT8_MM=%s is not int_mm, avx2 or float; choosing from the CPU",
+                                            forced)
     probes = [getattr(torch.cpu, n, None) for n in ("_is_vnni_supported", "_is_amx_tile_supported")]
-    return "int_mm" if any(p is not None and p() for p in probes) else "float"
+    if any(p is not None and p() for p in probes):
+        return "int_mm"
+    from .native import w8a8_avx2
+
+    return "avx2" if w8a8_avx2() is not None else "float"
 
 
-def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int8 [M, K] x int8 [K, N] -> int32 on the faster backend of this CPU."""
+def int8_backend() -> str:
+    """The int8 x int8 backend this process uses: "int_mm", "avx2" or "float"."""
     global _INT8_MM_BACKEND
     if _INT8_MM_BACKEND is None:
         _INT8_MM_BACKEND = _pick_int8_mm()
-    return torch._int_mm(a, b) if _INT8_MM_BACKEND == "int_mm" else _int8_mm_float(a, b)
+    return _INT8_MM_BACKEND
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 [M, K] x int8 [K, N] -> int32: torch._int_mm where it is fast, else float32
+    matmuls over exact chunks (the "avx2" backend is a whole linear, used by W8A8Kernel)."""
+    return torch._int_mm(a, b) if int8_backend() == "int_mm" else _int8_mm_float(a, b)
 
 
 class Kernel:
@@ -498,21 +518,37 @@ class W8A8Kernel(Kernel):
             raise ValueError(f"{s.name} needs the activation scale that calibration freezes: quantize it with "
                              "calibration data (--calib) rather than on its own")
         q, scale, _, _ = int_codes(qw)
-        b = {"q": q.to(torch.int8), "scale16": qw.tensors["scale"], "scale": scale.reshape(-1)}
+        b = {"scale16": qw.tensors["scale"], "scale": scale.reshape(-1)}
+        if int8_backend() == "avx2" and int(q.min()) >= -127:  # the kernel's exactness needs |W_q| <= 127
+            from .native import w8a8_avx2
+
+            b["panel"] = w8a8_avx2().pack(q.to(torch.int8))
+        else:
+            b["q"] = q.to(torch.int8)
         for k in ("in_scale", "in_zero", "in_outliers"):
             if k in qw.tensors:
                 b[k] = qw.tensors[k]
         if "in_outliers" in qw.tensors:  # the float channels' index and dequantized weight columns
             b["out_idx"] = qw.tensors["in_outliers"].long()
             b["w_out"] = q[:, b["out_idx"]].float() * scale.reshape(-1, 1)
+            if "panel" in b:  # the AVX2 kernel zeroes these channels while it quantizes
+                b["in_mask"] = torch.zeros(q.shape[1], dtype=torch.uint8).index_fill_(0, b["out_idx"], 1)
         if "in_zero" in qw.tensors:  # (128 - z)·s_x·s_w·rowsum(W_q), folded into one vector
             corr = (128 - qw.tensors["in_zero"].float()) * qw.tensors["in_scale"].float()
             b["zterm"] = corr * scale.reshape(-1) * q.sum(1).float()
         return b
 
     @staticmethod
+    def _codes(buffers, shape) -> torch.Tensor:
+        """The int8 weight codes [out, in], from whichever layout pack chose."""
+        if "q" in buffers:
+            return buffers["q"]
+        p = buffers["panel"]  # [ceil(out/16), ceil(in/4), 16, 4]
+        return p.permute(0, 2, 1, 3).reshape(p.shape[0] * 16, p.shape[1] * 4)[:shape[0], :shape[1]]
+
+    @staticmethod
     def unpack(buffers, scheme, shape):
-        qw = from_int_codes(scheme, buffers["q"].to(torch.int32), buffers["scale16"], None)
+        qw = from_int_codes(scheme, W8A8Kernel._codes(buffers, shape).to(torch.int32), buffers["scale16"], None)
         for k in ("in_scale", "in_zero", "in_outliers"):
             if k in buffers:
                 qw.tensors[k] = buffers[k]
@@ -528,17 +564,38 @@ class W8A8Kernel(Kernel):
     def matmul(x, buffers, scheme, shape, stats=None):
         x2 = _flat(x).float()
         idx = buffers.get("out_idx")
+        if "panel" in buffers and x2.device.type == "cpu":
+            return W8A8Kernel._matmul_avx2(x, x2, buffers, shape, stats)
         if idx is not None:
             xo, x2 = x2.index_select(1, idx), x2.index_fill(1, idx, 0.0)
         xq, sx = quantize_activation(x2, buffers.get("in_scale"), buffers.get("in_zero"))
         if stats is not None:
             stats["clipped"] += int(clipped_count(xq, buffers.get("in_zero")))
             stats["values"] += xq.numel()
-        y = int8_mm(xq, buffers["q"].t()).float() * (sx * buffers["scale"])
+        y = int8_mm(xq, W8A8Kernel._codes(buffers, shape).t()).float() * (sx * buffers["scale"])
         if "zterm" in buffers:
             y = y + buffers["zterm"]
         if idx is not None:
             y = y + xo @ buffers["w_out"].t()
+        return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
+
+    @staticmethod
+    def _matmul_avx2(x, x2, buffers, shape, stats):
+        """The same product through kernels/w8a8_avx2.cpp, which quantizes the activations
+        (zeroing the float channels) and applies s_x·s_w and the affine term in one call."""
+        from .native import w8a8_avx2
+
+        s, z = buffers.get("in_scale"), buffers.get("in_zero")
+        mode = 0 if s is None else (2 if z is not None else 1)
+        y, clipped = w8a8_avx2().linear(x2, buffers["panel"], shape[0], buffers["scale"],
+                                        0.0 if s is None else float(s), 0.0 if z is None else float(z), mode,
+                                        buffers.get("zterm"), buffers.get("in_mask"))
+        if stats is not None:
+            stats["clipped"] += int(clipped)
+            stats["values"] += x2.numel()
+        idx = buffers.get("out_idx")
+        if idx is not None:
+            y = y + x2.index_select(1, idx) @ buffers["w_out"].t()
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
 
