@@ -52,6 +52,27 @@ def test_prefill_speed(tiny_llama):
     assert prefill_speed(tiny_llama, ids, warmup=0, repeats=1) > 0
 
 
+def test_prefill_speed_last_logits_projects_one_position(tiny_llama):
+    ids = torch.randint(0, 256, (2, 12))
+    seen = []
+    h = tiny_llama.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    try:
+        assert prefill_speed(tiny_llama, ids, warmup=0, repeats=1, last_logits=True) > 0
+        prefill_speed(tiny_llama, ids, warmup=0, repeats=1)
+    finally:
+        h.remove()
+    assert seen[0][:2] == (2, 1) and seen[1][:2] == (2, 12)
+
+
+def test_prefill_speed_last_logits_needs_logits_to_keep(tiny_gpt2, monkeypatch):
+    import inspect
+
+    if "logits_to_keep" in inspect.signature(tiny_gpt2.forward).parameters:
+        monkeypatch.setattr(tiny_gpt2, "forward", lambda input_ids=None, past_key_values=None, use_cache=None: None)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        prefill_speed(tiny_gpt2, torch.randint(0, 256, (1, 4)), warmup=0, repeats=1, last_logits=True)
+
+
 def test_bad_prompt_shapes(tiny_llama):
     with pytest.raises(DataError):
         decode_speed(tiny_llama, torch.tensor([1, 2, 3]))

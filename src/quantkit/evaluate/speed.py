@@ -8,6 +8,7 @@ Only the decode steps after the prefill are timed (with a device synchronize at 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -156,12 +157,23 @@ def decode_speed(
     return {"decode_tokens_per_s": new_tokens / best, "new_tokens": new_tokens, "seconds": best}
 
 
-def prefill_speed(model: nn.Module, ids: torch.Tensor, warmup: int = 1, repeats: int = 3) -> float:
+def prefill_speed(model: nn.Module, ids: torch.Tensor, warmup: int = 1, repeats: int = 3,
+                  last_logits: bool = False) -> float:
     """Prompt-processing throughput in tokens/s: one forward of ``ids`` [b, L] into a fresh
-    KV cache, best of ``repeats`` after ``warmup`` untimed forwards."""
+    KV cache, best of ``repeats`` after ``warmup`` untimed forwards.
+
+    By default the forward computes logits for every position (as evaluation does);
+    ``last_logits=True`` computes only the last position's, as ``generate`` does before its
+    first new token (transformers' ``logits_to_keep=1``), so the number is the prompt's
+    time to first token without the vocabulary projection of positions nobody reads."""
     _check_ids(ids, batch_one=False)
     if repeats < 1 or warmup < 0:
         raise ValueError("need repeats >= 1 and warmup >= 0")
+    extra = {}
+    if last_logits:
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            raise ValueError(f"{type(model).__name__}.forward has no logits_to_keep: measure with last_logits=False")
+        extra["logits_to_keep"] = 1
     device = _device_of(model)
     ids = ids.to(device)
     best = float("inf")
@@ -170,7 +182,7 @@ def prefill_speed(model: nn.Module, ids: torch.Tensor, warmup: int = 1, repeats:
             cache = _new_cache(model)
             _sync(device)
             start = time.perf_counter()
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
             _sync(device)
             if i >= warmup:
                 best = min(best, time.perf_counter() - start)

@@ -492,7 +492,9 @@ class LLMInt8Kernel(Kernel):
 
 
 class W8A8Kernel(Kernel):
-    """int8 weights (per output row) x int8 activations -> int32 (`int8_mm`), then scaled.
+    """int8 weights (per output row) x int8 activations -> int32, then scaled: `int8_mm`, or
+    on AVX2 CPUs without VNNI quantkit's own kernel (kernels/w8a8_avx2.cpp, one call per linear:
+    bit-identical results, the -oN float channels up to their summation order; `_pick_int8_mm`).
 
     Activations are quantized here, per token at run time (`w8a8-dynamic`: s_x = absmax/127 of
     each row), or with the frozen per-tensor scale of a static scheme (`w8a8-static-*`, the
@@ -518,24 +520,49 @@ class W8A8Kernel(Kernel):
             raise ValueError(f"{s.name} needs the activation scale that calibration freezes: quantize it with "
                              "calibration data (--calib) rather than on its own")
         q, scale, _, _ = int_codes(qw)
-        b = {"scale16": qw.tensors["scale"], "scale": scale.reshape(-1)}
-        if int8_backend() == "avx2" and int(q.min()) >= -127:  # the kernel's exactness needs |W_q| <= 127
-            from .native import w8a8_avx2
-
-            b["panel"] = w8a8_avx2().pack(q.to(torch.int8))
-        else:
-            b["q"] = q.to(torch.int8)
+        b = {"scale16": qw.tensors["scale"]}
         for k in ("in_scale", "in_zero", "in_outliers"):
             if k in qw.tensors:
                 b[k] = qw.tensors[k]
-        if "in_outliers" in qw.tensors:  # the float channels' index and dequantized weight columns
-            b["out_idx"] = qw.tensors["in_outliers"].long()
-            b["w_out"] = q[:, b["out_idx"]].float() * scale.reshape(-1, 1)
-            if "panel" in b:  # the AVX2 kernel zeroes these channels while it quantizes
-                b["in_mask"] = torch.zeros(q.shape[1], dtype=torch.uint8).index_fill_(0, b["out_idx"], 1)
+        out_idx = qw.tensors["in_outliers"].long() if "in_outliers" in qw.tensors else None
+        zterm = None
         if "in_zero" in qw.tensors:  # (128 - z)·s_x·s_w·rowsum(W_q), folded into one vector
             corr = (128 - qw.tensors["in_zero"].float()) * qw.tensors["in_scale"].float()
-            b["zterm"] = corr * scale.reshape(-1) * q.sum(1).float()
+            zterm = corr * scale.reshape(-1) * q.sum(1).float()
+        if int8_backend() == "avx2" and int(q.min()) >= -127:  # the kernel's exactness needs |W_q| <= 127
+            return W8A8Kernel._pack_avx2(b, q, scale.reshape(-1), zterm, out_idx)
+        b.update(q=q.to(torch.int8), scale=scale.reshape(-1))
+        if out_idx is not None:  # the float channels' index and dequantized weight columns
+            b["out_idx"] = out_idx
+            b["w_out"] = q[:, out_idx].float() * scale.reshape(-1, 1)
+        if zterm is not None:
+            b["zterm"] = zterm
+        return b
+
+    @staticmethod
+    def _pack_avx2(b, q, scale, zterm, out_idx):
+        """Buffers of kernels/w8a8_avx2.cpp: the weight panel, per-output vectors zero-padded to
+        its 16-output panels, the activation scale and zero as float32 [2], the float channels
+        as an int32 mask (-1) plus their weight columns transposed."""
+        from .native import w8a8_avx2
+
+        n, k = q.shape
+        npad = -(-n // 16) * 16
+
+        def padded(v):
+            return torch.cat([v.float(), v.new_zeros(npad - n, dtype=torch.float32)]).contiguous()
+
+        b.update(panel=w8a8_avx2().pack(q.to(torch.int8)), scale_p=padded(scale))
+        if "in_scale" in b:
+            z = b["in_zero"].float().reshape(1) if "in_zero" in b else torch.zeros(1)
+            b["act"] = torch.cat([b["in_scale"].float().reshape(1), z]).contiguous()
+        if zterm is not None:
+            b["zterm_p"] = padded(zterm)
+        if out_idx is not None:
+            b["out_idx"] = out_idx.contiguous()
+            b["in_mask"] = torch.zeros(k, dtype=torch.int32).index_fill_(0, out_idx, -1)
+            w_out = q[:, out_idx].float() * scale.reshape(-1, 1)  # [n, J]
+            b["w_out_t"] = torch.cat([w_out, w_out.new_zeros(npad - n, len(out_idx))]).t().contiguous()
         return b
 
     @staticmethod
@@ -580,22 +607,18 @@ class W8A8Kernel(Kernel):
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
     @staticmethod
-    def _matmul_avx2(x, x2, buffers, shape, stats):
+    def _matmul_avx2(x, x2, b, shape, stats):
         """The same product through kernels/w8a8_avx2.cpp, which quantizes the activations
-        (zeroing the float channels) and applies s_x·s_w and the affine term in one call."""
+        (zeroing the float channels), applies s_x·s_w and the affine term, and adds the float
+        channels' product, in one call."""
         from .native import w8a8_avx2
 
-        s, z = buffers.get("in_scale"), buffers.get("in_zero")
-        mode = 0 if s is None else (2 if z is not None else 1)
-        y, clipped = w8a8_avx2().linear(x2, buffers["panel"], shape[0], buffers["scale"],
-                                        0.0 if s is None else float(s), 0.0 if z is None else float(z), mode,
-                                        buffers.get("zterm"), buffers.get("in_mask"))
+        mode = 0 if "act" not in b else (2 if "in_zero" in b else 1)
+        y, clipped = w8a8_avx2().linear(x2, b["panel"], shape[0], b["scale_p"], mode, b.get("act"), b.get("zterm_p"),
+                                        b.get("in_mask"), b.get("out_idx"), b.get("w_out_t"))
         if stats is not None:
-            stats["clipped"] += int(clipped)
+            stats["clipped"] += clipped
             stats["values"] += x2.numel()
-        idx = buffers.get("out_idx")
-        if idx is not None:
-            y = y + x2.index_select(1, idx) @ buffers["w_out"].t()
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
 

@@ -12,7 +12,9 @@
 // codes of a symmetric int8 scheme) keeps every pair sum within 2 * 128 * 127 = 32512 < 2^15,
 // so nothing saturates; vpmaddwd by ones then widens the pairs into int32 lanes. The result is
 // bit-identical to an int32 matmul followed by the same float ops (built with
-// -ffp-contract=off, so no fused multiply-add changes the epilogue's rounding).
+// -ffp-contract=off, so no fused multiply-add changes the epilogue's rounding). Only the
+// float channels of a -oN scheme (a short dot product, fused multiply-adds) are summed in
+// an order of their own.
 //
 // Weight layout ("panel", from pack): [ceil(N/16)][ceil(K/4)][16 outputs][4 inputs] int8,
 // zero padded. One 32-byte load holds 4 consecutive inputs of 8 outputs.
@@ -24,6 +26,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -61,15 +64,22 @@ inline __attribute__((always_inline)) void micro(const uint8_t* au, const int8_t
   out[3][0] = c30; out[3][1] = c31;
 }
 
-// y[r, n] = float(acc) * (s_x[r] * s_w[n]) (+ zterm[n]), for the panel's ncols outputs
+// y[r, n] = float(acc) * (s_x[r] * s_w[n]) (+ zterm[n]) (+ sum_j xo[r, j] * w_out_t[j, n]), for the
+// panel's ncols outputs; xo/w_out_t are the float channels of a -oN scheme (J of them)
 inline void epilogue(const __m256i (&acc)[MR][2], int rows, const float* sx, const float* sw, const float* zt,
-                     float* c, int64_t ldc, int ncols) {
+                     const float* xo, int64_t J, const float* wot, int64_t ldw, float* c, int64_t ldc, int ncols) {
   for (int r = 0; r < rows; ++r) {
     alignas(32) float tmp[NR];
     for (int h = 0; h < 2; ++h) {
       const __m256 t = _mm256_mul_ps(_mm256_set1_ps(sx[r]), _mm256_loadu_ps(sw + 8 * h));
       __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), t);
       if (zt) y = _mm256_add_ps(y, _mm256_loadu_ps(zt + 8 * h));
+      if (J) {
+        __m256 o = _mm256_setzero_ps();
+        for (int64_t j = 0; j < J; ++j)
+          o = _mm256_fmadd_ps(_mm256_set1_ps(xo[r * J + j]), _mm256_loadu_ps(wot + j * ldw + 8 * h), o);
+        y = _mm256_add_ps(y, o);
+      }
       _mm256_store_ps(tmp + 8 * h, y);
     }
     std::memcpy(c + r * ldc, tmp, sizeof(float) * ncols);
@@ -153,36 +163,55 @@ torch::Tensor pack(torch::Tensor w) {
   return out;
 }
 
-// x: float32 [M, K]; returns (float32 [M, N], codes on the clipping bound; 0 for mode 0)
+// x: float32 [M, K]; panel from pack; w_scale: float32 [ceil(N/16) * 16] (zero padded);
+// mode 0: dynamic, 1: static symmetric, 2: static affine, with act = float32 [scale, zero];
+// zterm: float32 padded like w_scale (the affine correction); maskbits: int32 [K], -1 on the
+// float channels (zeroed before quantization); out_idx: int64 [J] those channels and
+// w_out_t: float32 [J, padded N] their dequantized weight columns.
+// Returns (float32 [M, N], codes on the clipping bound; 0 for mode 0).
 std::tuple<torch::Tensor, int64_t> linear(torch::Tensor x, torch::Tensor panel, int64_t N, torch::Tensor w_scale,
-                                          double in_scale, double in_zero, int64_t mode,
-                                          c10::optional<torch::Tensor> zterm, c10::optional<torch::Tensor> mask) {
+                                          int64_t mode, c10::optional<torch::Tensor> act,
+                                          c10::optional<torch::Tensor> zterm, c10::optional<torch::Tensor> maskbits,
+                                          c10::optional<torch::Tensor> out_idx, c10::optional<torch::Tensor> w_out_t) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "linear: expected float32 [M, K] activations");
-  TORCH_CHECK(panel.dim() == 4 && panel.size(2) == NR && panel.size(3) == 4, "linear: not a packed panel");
+  TORCH_CHECK(panel.dim() == 4 && panel.size(2) == NR && panel.size(3) == 4 && panel.is_contiguous(),
+              "linear: not a packed panel");
   TORCH_CHECK(mode >= 0 && mode <= 2, "linear: mode is 0 (dynamic), 1 (static) or 2 (static affine)");
+  TORCH_CHECK(mode == 0 || (act && act->scalar_type() == torch::kFloat32 && act->numel() == 2),
+              "linear: a static mode needs act = float32 [scale, zero]");
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), np = panel.size(0), Kq = panel.size(1), Kp = Kq * 4;
+  const int64_t M = x.size(0), K = x.size(1), np = panel.size(0), Kq = panel.size(1), Kp = Kq * 4, NP = np * NR;
   TORCH_CHECK(Kq == (K + 3) / 4 && np == (N + NR - 1) / NR, "linear: activation/panel shapes disagree");
+  auto check_padded = [&](const torch::Tensor& t, const char* what) {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == NP, "linear: ", what,
+                " must be float32 [", NP, "]");
+  };
+  check_padded(w_scale, "w_scale");
+  if (zterm) check_padded(*zterm, "zterm");
+  TORCH_CHECK(!maskbits || (maskbits->scalar_type() == torch::kInt32 && maskbits->numel() == K && maskbits->is_contiguous()),
+              "linear: maskbits must be int32 [K]");
+  const int64_t J = out_idx ? out_idx->numel() : 0;
+  TORCH_CHECK(!out_idx || (out_idx->scalar_type() == torch::kInt64 && w_out_t && w_out_t->scalar_type() == torch::kFloat32 &&
+                           w_out_t->is_contiguous() && w_out_t->size(0) == J && w_out_t->size(1) == NP),
+              "linear: out_idx needs int64 indices and w_out_t float32 [J, padded N]");
+  const float s_static = mode == 0 ? 0.f : act->data_ptr<float>()[0], z = mode == 2 ? act->data_ptr<float>()[1] : 0.f;
   auto out = torch::empty({M, N}, torch::kFloat32);
-  auto sw = torch::zeros({np * NR}, torch::kFloat32);
-  sw.narrow(0, 0, N).copy_(w_scale.reshape({-1}).to(torch::kFloat32));
-  torch::Tensor zt, mb;
-  if (zterm) { zt = torch::zeros({np * NR}, torch::kFloat32); zt.narrow(0, 0, N).copy_(zterm->reshape({-1}).to(torch::kFloat32)); }
-  if (mask) mb = mask->to(torch::kInt32).neg().contiguous();  // 1 -> all bits set
-  auto au = torch::empty({M, Kp}, torch::kUInt8);
-  auto as = torch::empty({M, Kp}, torch::kInt8);
-  std::vector<float> sx(M);
+  std::unique_ptr<uint8_t[]> au(new uint8_t[M * Kp]);  // every byte written by quantize_row
+  std::unique_ptr<int8_t[]> as(new int8_t[M * Kp]);
+  std::vector<float> sx(M), xo(M * J);
   const float* X = x.data_ptr<float>();
-  const int32_t* MB = mask ? mb.data_ptr<int32_t>() : nullptr;
-  uint8_t* AU = au.data_ptr<uint8_t>();
-  int8_t* AS = as.data_ptr<int8_t>();
+  const int32_t* MB = maskbits ? maskbits->data_ptr<int32_t>() : nullptr;
+  const int64_t* OI = J ? out_idx->data_ptr<int64_t>() : nullptr;
+  for (int64_t j = 0; j < J; ++j) TORCH_CHECK(OI[j] >= 0 && OI[j] < K, "linear: out_idx out of range");
   std::atomic<int64_t> clipped{0};
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     int64_t c = 0;
     for (int64_t m = m0; m < m1; ++m) {
-      const float s = mode == 0 ? row_scale(X + m * K, K) : static_cast<float>(in_scale);
+      const float* xr = X + m * K;
+      const float s = mode == 0 ? row_scale(xr, K) : s_static;
       sx[m] = s;
-      c += quantize_row(X + m * K, K, Kp, MB, static_cast<int>(mode), s, static_cast<float>(in_zero), AS + m * Kp, AU + m * Kp);
+      for (int64_t j = 0; j < J; ++j) xo[m * J + j] = xr[OI[j]];
+      c += quantize_row(xr, K, Kp, MB, static_cast<int>(mode), s, z, as.get() + m * Kp, au.get() + m * Kp);
     }
     clipped += c;
   });
@@ -193,8 +222,11 @@ std::tuple<torch::Tensor, int64_t> linear(torch::Tensor x, torch::Tensor panel, 
   const int64_t pg = nblk >= 2 * threads ? np : std::max<int64_t>(1, np / (4 * threads));
   const int64_t ngroups = (np + pg - 1) / pg;
   const int8_t* W = panel.data_ptr<int8_t>();
-  const float* SW = sw.data_ptr<float>();
-  const float* ZT = zterm ? zt.data_ptr<float>() : nullptr;
+  const float* SW = w_scale.data_ptr<float>();
+  const float* ZT = zterm ? zterm->data_ptr<float>() : nullptr;
+  const float* WOT = J ? w_out_t->data_ptr<float>() : nullptr;
+  const uint8_t* AU = au.get();
+  const int8_t* AS = as.get();
   float* C = out.data_ptr<float>();
   at::parallel_for(0, nblk * ngroups, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -205,15 +237,16 @@ std::tuple<torch::Tensor, int64_t> linear(torch::Tensor x, torch::Tensor panel, 
         const int8_t* wpp = W + p * Kq * NR * 4;
         const float* swp = SW + p * NR;
         const float* ztp = ZT ? ZT + p * NR : nullptr;
+        const float* wop = WOT ? WOT + p * NR : nullptr;
         __m256i acc[MR][2];
         int64_t m = m0;
         for (; m + MR <= m1; m += MR) {
           micro<MR>(AU + m * Kp, AS + m * Kp, Kp, wpp, Kq, acc);
-          epilogue(acc, MR, sx.data() + m, swp, ztp, C + m * N + p * NR, N, ncols);
+          epilogue(acc, MR, sx.data() + m, swp, ztp, xo.data() + m * J, J, wop, NP, C + m * N + p * NR, N, ncols);
         }
         for (; m < m1; ++m) {
           micro<1>(AU + m * Kp, AS + m * Kp, Kp, wpp, Kq, acc);
-          epilogue(acc, 1, sx.data() + m, swp, ztp, C + m * N + p * NR, N, ncols);
+          epilogue(acc, 1, sx.data() + m, swp, ztp, xo.data() + m * J, J, wop, NP, C + m * N + p * NR, N, ncols);
         }
       }
     }
@@ -223,5 +256,5 @@ std::tuple<torch::Tensor, int64_t> linear(torch::Tensor x, torch::Tensor panel, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "int8 [N, K] weight codes -> AVX2 panel layout");
-  m.def("linear", &linear, "w8a8 linear: quantize activations, int8 x int8 -> int32, scale");
+  m.def("linear", &linear, "w8a8 linear: quantize activations, int8 x int8 -> int32, scale (+ float channels)");
 }
