@@ -13,8 +13,8 @@
 // so nothing saturates; vpmaddwd by ones then widens the pairs into int32 lanes. The result is
 // bit-identical to an int32 matmul followed by the same float ops (built with
 // -ffp-contract=off, so no fused multiply-add changes the epilogue's rounding). Only the
-// float channels of a -oN scheme (a short dot product, fused multiply-adds) are summed in
-// an order of their own.
+// float channels of a -oN scheme (a [M, J] x [J, N] product added by torch's BLAS, addmm_)
+// are summed in an order of their own.
 //
 // Weight layout ("panel", from pack): [ceil(N/16)][ceil(K/4)][16 outputs][4 inputs] int8,
 // zero padded. One 32-byte load holds 4 consecutive inputs of 8 outputs.
@@ -64,22 +64,15 @@ inline __attribute__((always_inline)) void micro(const uint8_t* au, const int8_t
   out[3][0] = c30; out[3][1] = c31;
 }
 
-// y[r, n] = float(acc) * (s_x[r] * s_w[n]) (+ zterm[n]) (+ sum_j xo[r, j] * w_out_t[j, n]), for the
-// panel's ncols outputs; xo/w_out_t are the float channels of a -oN scheme (J of them)
+// y[r, n] = float(acc) * (s_x[r] * s_w[n]) (+ zterm[n]), for the panel's ncols outputs
 inline void epilogue(const __m256i (&acc)[MR][2], int rows, const float* sx, const float* sw, const float* zt,
-                     const float* xo, int64_t J, const float* wot, int64_t ldw, float* c, int64_t ldc, int ncols) {
+                     float* c, int64_t ldc, int ncols) {
   for (int r = 0; r < rows; ++r) {
     alignas(32) float tmp[NR];
     for (int h = 0; h < 2; ++h) {
       const __m256 t = _mm256_mul_ps(_mm256_set1_ps(sx[r]), _mm256_loadu_ps(sw + 8 * h));
       __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), t);
       if (zt) y = _mm256_add_ps(y, _mm256_loadu_ps(zt + 8 * h));
-      if (J) {
-        __m256 o = _mm256_setzero_ps();
-        for (int64_t j = 0; j < J; ++j)
-          o = _mm256_fmadd_ps(_mm256_set1_ps(xo[r * J + j]), _mm256_loadu_ps(wot + j * ldw + 8 * h), o);
-        y = _mm256_add_ps(y, o);
-      }
       _mm256_store_ps(tmp + 8 * h, y);
     }
     std::memcpy(c + r * ldc, tmp, sizeof(float) * ncols);
@@ -198,7 +191,9 @@ std::tuple<torch::Tensor, int64_t> linear(torch::Tensor x, torch::Tensor panel, 
   auto out = torch::empty({M, N}, torch::kFloat32);
   std::unique_ptr<uint8_t[]> au(new uint8_t[M * Kp]);  // every byte written by quantize_row
   std::unique_ptr<int8_t[]> as(new int8_t[M * Kp]);
-  std::vector<float> sx(M), xo(M * J);
+  std::vector<float> sx(M);
+  auto xo = torch::empty({M, J}, torch::kFloat32);  // the float channels, multiplied by BLAS at the end
+  float* XO = xo.data_ptr<float>();
   const float* X = x.data_ptr<float>();
   const int32_t* MB = maskbits ? maskbits->data_ptr<int32_t>() : nullptr;
   const int64_t* OI = J ? out_idx->data_ptr<int64_t>() : nullptr;
@@ -210,7 +205,7 @@ std::tuple<torch::Tensor, int64_t> linear(torch::Tensor x, torch::Tensor panel, 
       const float* xr = X + m * K;
       const float s = mode == 0 ? row_scale(xr, K) : s_static;
       sx[m] = s;
-      for (int64_t j = 0; j < J; ++j) xo[m * J + j] = xr[OI[j]];
+      for (int64_t j = 0; j < J; ++j) XO[m * J + j] = xr[OI[j]];
       c += quantize_row(xr, K, Kp, MB, static_cast<int>(mode), s, z, as.get() + m * Kp, au.get() + m * Kp);
     }
     clipped += c;
@@ -224,7 +219,6 @@ std::tuple<torch::Tensor, int64_t> linear(torch::Tensor x, torch::Tensor panel, 
   const int8_t* W = panel.data_ptr<int8_t>();
   const float* SW = w_scale.data_ptr<float>();
   const float* ZT = zterm ? zterm->data_ptr<float>() : nullptr;
-  const float* WOT = J ? w_out_t->data_ptr<float>() : nullptr;
   const uint8_t* AU = au.get();
   const int8_t* AS = as.get();
   float* C = out.data_ptr<float>();
@@ -237,20 +231,20 @@ std::tuple<torch::Tensor, int64_t> linear(torch::Tensor x, torch::Tensor panel, 
         const int8_t* wpp = W + p * Kq * NR * 4;
         const float* swp = SW + p * NR;
         const float* ztp = ZT ? ZT + p * NR : nullptr;
-        const float* wop = WOT ? WOT + p * NR : nullptr;
         __m256i acc[MR][2];
         int64_t m = m0;
         for (; m + MR <= m1; m += MR) {
           micro<MR>(AU + m * Kp, AS + m * Kp, Kp, wpp, Kq, acc);
-          epilogue(acc, MR, sx.data() + m, swp, ztp, xo.data() + m * J, J, wop, NP, C + m * N + p * NR, N, ncols);
+          epilogue(acc, MR, sx.data() + m, swp, ztp, C + m * N + p * NR, N, ncols);
         }
         for (; m < m1; ++m) {
           micro<1>(AU + m * Kp, AS + m * Kp, Kp, wpp, Kq, acc);
-          epilogue(acc, 1, sx.data() + m, swp, ztp, xo.data() + m * J, J, wop, NP, C + m * N + p * NR, N, ncols);
+          epilogue(acc, 1, sx.data() + m, swp, ztp, C + m * N + p * NR, N, ncols);
         }
       }
     }
   });
+  if (J) out.addmm_(xo, w_out_t->narrow(1, 0, N));
   return {out, mode == 0 ? 0 : clipped.load()};
 }
 
