@@ -137,3 +137,19 @@ def test_bad_arguments_are_refused_not_crashed():
         mod.linear(torch.ones(2, 9), panel, 20, torch.ones(32), 0, None, None, None, None, None)
     with pytest.raises(RuntimeError, match="out of range"):
         mod.linear(x, panel, 20, torch.ones(32), 0, None, None, None, torch.tensor([8]), torch.ones(1, 32))
+
+
+def test_failed_build_falls_back(monkeypatch, caplog):
+    """A compiler error is logged and leaves the torch-ops backend in charge."""
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(native, "_cache", {})
+    monkeypatch.setattr(native, "why_not_w8a8_avx2", lambda: None)
+
+    def broken(*a, **k):
+        raise RuntimeError("Error building extension\nfatal error: Python.h: No such file or directory")
+
+    monkeypatch.setattr(ext, "load", broken)
+    with caplog.at_level("INFO", logger="quantkit.kernels.native"):
+        assert native.w8a8_avx2() is None
+    assert "Python.h" in caplog.text
