@@ -6,7 +6,11 @@ slow phases of the machine hit every model alike. Prints the table and writes it
 docs/benchmarks.md.
 
     python benchmarks/decode_speed.py [--model smollm2] [--tokens 64] [--rounds 5]
-                                      [--compile] [--variants fp32,int8,int4-g128]
+                                      [--compile] [--variants fp32,int8,int4-g128] [--section NAME]
+
+The w8a8 rows quantize activations too; the static one is calibrated on --calib-samples x 512
+tokens from the last quarter of --text (decode speed does not depend on how good the ranges
+are, so the default is a small sample).
 
 --compile runs every model's decode steps through torch.compile with a StaticCache
 (evaluate.speed.decode_speed(compile=True)), fp32 included: transformers' per-layer Python
@@ -21,20 +25,23 @@ import logging
 import torch
 
 import quantkit as qk
+from quantkit.data import calib_samples
 from quantkit.evaluate.run import weights_bytes
 from quantkit.evaluate.size import memory_bytes
 from quantkit.evaluate.speed import decode_speed
 
-from _common import write_section
+from _common import WIKI, write_section
 
-VARIANTS = [  # (label, scheme, head)
-    ("fp32", None, None),
-    ("bf16", "bf16", None),
-    ("int8", "int8", None),
-    ("int8, head int8", "int8", "int8"),
-    ("int4-g128", "int4-g128", None),
-    ("int4-g128, head int8", "int4-g128", "int8"),
-    ("int3-g128", "int3-g128", None),
+VARIANTS = [  # (label, scheme, head, SmoothQuant)
+    ("fp32", None, None, None),
+    ("bf16", "bf16", None, None),
+    ("int8", "int8", None, None),
+    ("int8, head int8", "int8", "int8", None),
+    ("int4-g128", "int4-g128", None, None),
+    ("int4-g128, head int8", "int4-g128", "int8", None),
+    ("int3-g128", "int3-g128", None, None),
+    ("w8a8-dynamic", "w8a8-dynamic", None, None),
+    ("w8a8-static-minmax-o32 + SmoothQuant auto", "w8a8-static-minmax-o32", None, "auto"),
 ]
 PROMPT = "The history of the city begins"
 
@@ -47,15 +54,23 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile every model's decode steps (StaticCache)")
     ap.add_argument("--variants", default=None, help="comma-separated labels to run (default: all); fp32 always runs")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
+    ap.add_argument("--section", default=None, help="docs/benchmarks.md section to write (default: decode-speed, "
+                                                     "or decode-speed-compiled with --compile)")
+    ap.add_argument("--text", default=str(WIKI), help="calibration text of the static w8a8 row")
+    ap.add_argument("--calib-samples", type=int, default=8)
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model, tok = qk.load(a.model)
     ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
     models = {}
     keep = None if a.variants is None else {"fp32", *a.variants.split(",")}
-    for label, scheme, head in VARIANTS:
+    calib = None
+    for label, scheme, head, smooth in VARIANTS:
         if keep is None or label in keep:
-            models[label] = model if scheme is None else qk.quantize(model, scheme, head=head, progress=False)
+            if scheme is not None and scheme.startswith("w8a8-static") and calib is None:
+                calib = calib_samples(tok, qk.text(a.text, split="calib"), a.calib_samples, 512, 0)
+            models[label] = model if scheme is None else qk.quantize(model, scheme, head=head, progress=False,
+                                                                       calib=calib, smooth=smooth)
     gc.collect()
     best = {k: 0.0 for k in models}
     for r in range(a.rounds):
@@ -74,7 +89,7 @@ def main():
     print(table)
     if not a.no_write:
         how = ", decode steps through torch.compile with a StaticCache" if a.compile else ""
-        write_section("decode-speed-compiled" if a.compile else "decode-speed",
+        write_section(a.section or ("decode-speed-compiled" if a.compile else "decode-speed"),
                       f"Decode speed at batch 1 ({a.model}, {a.tokens} tokens, best of {a.rounds} interleaved rounds{how})",
                       table, per_cpu=True)
 

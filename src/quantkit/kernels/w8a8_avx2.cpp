@@ -13,8 +13,8 @@
 // so nothing saturates; vpmaddwd by ones then widens the pairs into int32 lanes. The result is
 // bit-identical to an int32 matmul followed by the same float ops (built with
 // -ffp-contract=off, so no fused multiply-add changes the epilogue's rounding). Only the
-// float channels of a -oN scheme (a [M, J] x [J, N] product added by torch's BLAS, addmm_)
-// are summed in an order of their own.
+// float channels of a -oN scheme (a [M, J] x [J, N] product added by torch's BLAS, addmm_,
+// or for a few rows by a loop here) are summed in an order of their own.
 //
 // Weight layout ("panel", from pack): [ceil(N/16)][ceil(K/4)][16 outputs][4 inputs] int8,
 // zero padded. One 32-byte load holds 4 consecutive inputs of 8 outputs.
@@ -244,7 +244,23 @@ std::tuple<torch::Tensor, int64_t> linear(torch::Tensor x, torch::Tensor panel, 
       }
     }
   });
-  if (J) out.addmm_(xo, w_out_t->narrow(1, 0, N));
+  if (J && M > 8) {
+    out.addmm_(xo, w_out_t->narrow(1, 0, N));
+  } else if (J) {  // decode-sized: a plain loop beats the BLAS call's overhead
+    const float* WOT = w_out_t->data_ptr<float>();
+    std::vector<float> o(NP);
+    for (int64_t m = 0; m < M; ++m) {
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t j = 0; j < J; ++j) {
+        const __m256 v = _mm256_set1_ps(XO[m * J + j]);
+        const float* w = WOT + j * NP;
+        for (int64_t n = 0; n < NP; n += 8)
+          _mm256_storeu_ps(o.data() + n, _mm256_fmadd_ps(v, _mm256_loadu_ps(w + n), _mm256_loadu_ps(o.data() + n)));
+      }
+      float* y = C + m * N;
+      for (int64_t n = 0; n < N; ++n) y[n] += o[n];
+    }
+  }
   return {out, mode == 0 ? 0 : clipped.load()};
 }
 
