@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 import re
+import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +48,7 @@ def write_section(key: str, title: str, body: str, per_cpu: bool = False) -> Non
         key, title = f"{key}-{cap.lower()}", f"{title}, {cap} CPU"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery table here was written by the script named under it.\n"
-    cmd = "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:])
+    cmd = "python " + shlex.join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:])  # quoted: copy-paste runs it
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"<!-- {key} -->\n## {title}\n\nMeasured {when} on {machine()}.\n"
                f"Command: `{cmd}`\n\n{body.strip()}\n<!-- /{key} -->")
