@@ -154,3 +154,17 @@ def test_failed_build_falls_back(monkeypatch, caplog):
     with caplog.at_level("INFO", logger="quantkit.kernels.native"):
         assert native.w8a8_avx2() is None
     assert "Python.h" in caplog.text
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme,zero,outl", [("w8a8-dynamic", None, None), ("w8a8-static-minmax-asym-o3", 130, [7, 9, 99])])
+def test_panel_buffers_run_without_the_kernel(scheme, zero, outl, monkeypatch):
+    """A layer packed for the kernel (say, pickled whole) still runs where the kernel cannot:
+    torch ops read the panel layout, with the same results."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 100, generator=g) * 0.05
+    x = torch.randn(5, 100, generator=g)
+    o = None if outl is None else torch.tensor(outl, dtype=torch.int32)
+    _, fast, ref = _layers(w, scheme, None if zero is None else 0.02, zero, o, monkeypatch)
+    monkeypatch.setattr(native, "_cache", {"w8a8": None})
+    assert torch.allclose(fast(x), ref(x), rtol=1e-6, atol=1e-7)

@@ -592,18 +592,26 @@ class W8A8Kernel(Kernel):
         x2 = _flat(x).float()
         idx = buffers.get("out_idx")
         if "panel" in buffers and x2.device.type == "cpu":
-            return W8A8Kernel._matmul_avx2(x, x2, buffers, shape, stats)
+            from .native import w8a8_avx2
+
+            if w8a8_avx2() is not None:
+                return W8A8Kernel._matmul_avx2(x, x2, buffers, shape, stats)
+        # torch ops: any device, and panel-packed buffers where the kernel cannot run (moved to
+        # another device, or unpickled in a process without it)
+        n = shape[0]
+        scale = buffers["scale"] if "scale" in buffers else buffers["scale_p"][:n]
+        zterm = buffers["zterm"] if "zterm" in buffers else buffers["zterm_p"][:n] if "zterm_p" in buffers else None
         if idx is not None:
             xo, x2 = x2.index_select(1, idx), x2.index_fill(1, idx, 0.0)
         xq, sx = quantize_activation(x2, buffers.get("in_scale"), buffers.get("in_zero"))
         if stats is not None:
             stats["clipped"] += int(clipped_count(xq, buffers.get("in_zero")))
             stats["values"] += xq.numel()
-        y = int8_mm(xq, W8A8Kernel._codes(buffers, shape).t()).float() * (sx * buffers["scale"])
-        if "zterm" in buffers:
-            y = y + buffers["zterm"]
+        y = int8_mm(xq, W8A8Kernel._codes(buffers, shape).t()).float() * (sx * scale)
+        if zterm is not None:
+            y = y + zterm
         if idx is not None:
-            y = y + xo @ buffers["w_out"].t()
+            y = y + xo @ (buffers["w_out"].t() if "w_out" in buffers else buffers["w_out_t"][:, :n])
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
     @staticmethod

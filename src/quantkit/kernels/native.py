@@ -64,6 +64,8 @@ def why_not_w8a8_avx2() -> str | None:
 
 def w8a8_avx2():
     """The compiled module (functions `pack` and `linear`, see w8a8_avx2.cpp) or None."""
+    if "w8a8" in _cache:  # every w8a8 matmul asks: no lock once decided
+        return _cache["w8a8"]
     with _lock:
         if "w8a8" in _cache:
             return _cache["w8a8"]
