@@ -59,11 +59,14 @@ def main():
     ap.add_argument("--text", default=str(WIKI), help="calibration text of the static w8a8 row")
     ap.add_argument("--calib-samples", type=int, default=8)
     a = ap.parse_args()
+    keep = None if a.variants is None else {"fp32", *a.variants.split(",")}
+    unknown = set() if keep is None else keep - {v[0] for v in VARIANTS}
+    if unknown:
+        ap.error(f"unknown --variants {sorted(unknown)}; the labels are: {', '.join(repr(v[0]) for v in VARIANTS)}")
     logging.basicConfig(level=logging.WARNING)
     model, tok = qk.load(a.model)
     ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
     models = {}
-    keep = None if a.variants is None else {"fp32", *a.variants.split(",")}
     calib = None
     for label, scheme, head, smooth in VARIANTS:
         if keep is None or label in keep:

@@ -165,18 +165,18 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib: torch.Tensor
     store = []
     buf: list[torch.Tensor] = []  # the one [samples, L, D] tensor, made at the first batch
     n = calib.shape[0]
-    filled = [0]
+    filled = 0
 
     def hook(mod, args, kwargs):
+        nonlocal filled
         kw = dict(kwargs)
         h = args[0] if args else kw.pop("hidden_states")
         kw = {k: v for k, v in kw.items() if k != "hidden_states"}
         if not buf:
             buf.append(torch.empty((n, *h.shape[1:]), dtype=h.dtype, device=h.device))
-        i = filled[0]
-        view = buf[0][i:i + h.shape[0]]
+        view = buf[0][filled:filled + h.shape[0]]
         view.copy_(h.detach())
-        filled[0] = i + h.shape[0]
+        filled += h.shape[0]
         store.append((view, kw))
         raise _Stop
 

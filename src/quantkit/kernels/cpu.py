@@ -520,49 +520,34 @@ class W8A8Kernel(Kernel):
             raise ValueError(f"{s.name} needs the activation scale that calibration freezes: quantize it with "
                              "calibration data (--calib) rather than on its own")
         q, scale, _, _ = int_codes(qw)
-        b = {"scale16": qw.tensors["scale"]}
-        for k in ("in_scale", "in_zero", "in_outliers"):
-            if k in qw.tensors:
-                b[k] = qw.tensors[k]
-        out_idx = qw.tensors["in_outliers"].long() if "in_outliers" in qw.tensors else None
-        zterm = None
-        if "in_zero" in qw.tensors:  # (128 - z)·s_x·s_w·rowsum(W_q), folded into one vector
-            corr = (128 - qw.tensors["in_zero"].float()) * qw.tensors["in_scale"].float()
-            zterm = corr * scale.reshape(-1) * q.sum(1).float()
-        if int8_backend() == "avx2" and int(q.min()) >= -127:  # the kernel's exactness needs |W_q| <= 127
-            return W8A8Kernel._pack_avx2(b, q, scale.reshape(-1), zterm, out_idx)
-        b.update(q=q.to(torch.int8), scale=scale.reshape(-1))
-        if out_idx is not None:  # the float channels' index and dequantized weight columns
-            b["out_idx"] = out_idx
-            b["w_out"] = q[:, out_idx].float() * scale.reshape(-1, 1)
-        if zterm is not None:
-            b["zterm"] = zterm
-        return b
-
-    @staticmethod
-    def _pack_avx2(b, q, scale, zterm, out_idx):
-        """Buffers of kernels/w8a8_avx2.cpp: the weight panel, per-output vectors zero-padded to
-        its 16-output panels, the activation scale and zero as float32 [2], the float channels
-        as an int32 mask (-1) plus their weight columns transposed."""
-        from .native import w8a8_avx2
-
         n, k = q.shape
-        npad = -(-n // 16) * 16
+        npad = -(-n // 16) * 16  # per-output vectors padded to whole 16-output panels
 
         def padded(v):
             return torch.cat([v.float(), v.new_zeros(npad - n, dtype=torch.float32)]).contiguous()
 
-        b.update(panel=w8a8_avx2().pack(q.to(torch.int8)), scale_p=padded(scale))
-        if "in_scale" in b:
+        b = {"scale16": qw.tensors["scale"], "scale_p": padded(scale.reshape(-1))}
+        for key in ("in_scale", "in_zero", "in_outliers"):
+            if key in qw.tensors:
+                b[key] = qw.tensors[key]
+        if "in_scale" in b:  # the frozen activation scale and zero as float32 [2]
             z = b["in_zero"].float().reshape(1) if "in_zero" in b else torch.zeros(1)
             b["act"] = torch.cat([b["in_scale"].float().reshape(1), z]).contiguous()
-        if zterm is not None:
-            b["zterm_p"] = padded(zterm)
-        if out_idx is not None:
-            b["out_idx"] = out_idx.contiguous()
-            b["in_mask"] = torch.zeros(k, dtype=torch.int32).index_fill_(0, out_idx, -1)
-            w_out = q[:, out_idx].float() * scale.reshape(-1, 1)  # [n, J]
-            b["w_out_t"] = torch.cat([w_out, w_out.new_zeros(npad - n, len(out_idx))]).t().contiguous()
+        if "in_zero" in b:  # (128 - z)·s_x·s_w·rowsum(W_q), folded into one vector
+            corr = (128 - b["in_zero"].float()) * b["in_scale"].float()
+            b["zterm_p"] = padded(corr * scale.reshape(-1) * q.sum(1).float())
+        if "in_outliers" in b:  # the float channels' index and dequantized weight columns, transposed
+            b["out_idx"] = b["in_outliers"].long().contiguous()
+            w_out = q[:, b["out_idx"]].float() * scale.reshape(-1, 1)  # [n, J]
+            b["w_out_t"] = torch.cat([w_out, w_out.new_zeros(npad - n, w_out.shape[1])]).t().contiguous()
+        if int8_backend() == "avx2" and int(q.min()) >= -127:  # the kernel's exactness needs |W_q| <= 127
+            from .native import w8a8_avx2
+
+            b["panel"] = w8a8_avx2().pack(q.to(torch.int8))
+            if "out_idx" in b:  # the kernel zeroes these channels (-1 bits) while it quantizes
+                b["in_mask"] = torch.zeros(k, dtype=torch.int32).index_fill_(0, b["out_idx"], -1)
+        else:
+            b["q"] = q.to(torch.int8)
         return b
 
     @staticmethod
@@ -599,19 +584,17 @@ class W8A8Kernel(Kernel):
         # torch ops: any device, and panel-packed buffers where the kernel cannot run (moved to
         # another device, or unpickled in a process without it)
         n = shape[0]
-        scale = buffers["scale"] if "scale" in buffers else buffers["scale_p"][:n]
-        zterm = buffers["zterm"] if "zterm" in buffers else buffers["zterm_p"][:n] if "zterm_p" in buffers else None
         if idx is not None:
             xo, x2 = x2.index_select(1, idx), x2.index_fill(1, idx, 0.0)
         xq, sx = quantize_activation(x2, buffers.get("in_scale"), buffers.get("in_zero"))
         if stats is not None:
             stats["clipped"] += int(clipped_count(xq, buffers.get("in_zero")))
             stats["values"] += xq.numel()
-        y = int8_mm(xq, W8A8Kernel._codes(buffers, shape).t()).float() * (sx * scale)
-        if zterm is not None:
-            y = y + zterm
+        y = int8_mm(xq, W8A8Kernel._codes(buffers, shape).t()).float() * (sx * buffers["scale_p"][:n])
+        if "zterm_p" in buffers:
+            y = y + buffers["zterm_p"][:n]
         if idx is not None:
-            y = y + xo @ (buffers["w_out"].t() if "w_out" in buffers else buffers["w_out_t"][:, :n])
+            y = y + xo @ buffers["w_out_t"][:, :n]
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
     @staticmethod
