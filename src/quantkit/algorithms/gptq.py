@@ -271,44 +271,5 @@ def gptq(w: torch.Tensor, scheme: Scheme, stats: dict) -> QuantizedWeight:
     return grid.result(q)
 
 
-def gptq_reference(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp: float = 0.01,
-                   dtype: torch.dtype = torch.float64) -> QuantizedWeight:
-    """Slow, literal Algorithm 1 of the paper: column by column, no lazy batches, no act-order.
-
-    Same preprocessing (dead columns, dampening) and the same scale/zero rule as `gptq`
-    (per tensor / per channel: from the whole weight up front; groups: from the current
-    weights of the group when its first column is reached). Golden reference for tests;
-    `dtype` is the precision of the weight updates.
-    """
-    _check(w, H, scheme)
-    w, H = _prepare(w, H, damp)
-    U = _inverse_factor(H).to(dtype)  # Hinv ← Cholesky(H⁻¹)ᵀ
-    W = w.to(dtype)
-    out, inn = W.shape
-    L = group_len(scheme, inn)
-    rows = 1 if scheme.group_size == PER_TENSOR else out
-    ng = inn // L
-    scale = torch.empty(rows, ng, dtype=torch.float16, device=W.device)
-    zero = None if scheme.symmetric else torch.empty(rows, ng, dtype=torch.uint8, device=W.device)
-    if not scheme.grouped:
-        s, z = choose_qparams(W.reshape(1, -1) if scheme.group_size == PER_TENSOR else W, scheme)
-        scale[:, 0] = s
-        if zero is not None:
-            zero[:, 0] = z
-    Q = torch.empty(out, inn, dtype=torch.int32, device=W.device)
-    for i in range(inn):
-        g = i // L
-        if scheme.grouped and i % L == 0:
-            s, z = choose_qparams(W[:, i:i + L], scheme)
-            scale[:, g] = s
-            if zero is not None:
-                zero[:, g] = z
-        s, z = scale[:, g], None if zero is None else zero[:, g]
-        Q[:, i] = quantize_with(W[:, i], s, z, scheme)
-        e = (W[:, i] - dequantize_with(Q[:, i], s, z).to(dtype)) / U[i, i]  # [out]
-        W[:, i:] -= torch.outer(e, U[i, i:])
-    return from_int_codes(scheme, Q, scale, zero)
-
-
 register(Algorithm("gptq", gptq, needs=frozenset({"hessian"}), kinds=frozenset({"int", "ggml"}),
                    summary="GPTQ: second-order error compensation with the layer-input Hessian (calibrated)"))
