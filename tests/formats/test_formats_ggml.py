@@ -9,8 +9,23 @@ from gguf import GGMLQuantizationType as T  # noqa: E402
 from quantkit.errors import SchemeError  # noqa: E402
 from quantkit.formats.ggml import GGML_TYPES, LINEAR_GRIDS, dequantize_rows, quantize_rows  # noqa: E402
 
-LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32"]
-K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"]
+import quantkit.formats  # noqa: E402,F401  (every GGML type registers itself)
+
+ALL_TYPES = sorted(GGML_TYPES)  # every registered type is tested: a new one needs no new test
+SUPER_BLOCK = 256  # K-quants
+
+
+def _gguf_quantizes(name: str) -> bool:
+    """Does the `gguf` package have a quantizer for this type (it has for the legacy ones)?"""
+    try:
+        gguf.quants.quantize(np.zeros((1, SUPER_BLOCK), dtype=np.float32), T[name])
+    except NotImplementedError:
+        return False
+    return True
+
+
+LEGACY = [n for n in ALL_TYPES if _gguf_quantizes(n)]
+K_TYPES = [n for n in ALL_TYPES if n not in LEGACY]  # compared through gguf's dequantizer
 
 
 def _inputs():
@@ -39,7 +54,13 @@ def test_legacy_bytes_equal_gguf_reference(name, case):
     assert np.array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("name", LEGACY + K_TYPES)
+def test_every_gguf_type_quantkit_names_is_registered():
+    from quantkit.scheme import GGUF_TYPES
+
+    assert set(GGUF_TYPES) <= set(GGML_TYPES) and len(LEGACY) >= 8 and len(K_TYPES) >= 6
+
+
+@pytest.mark.parametrize("name", ALL_TYPES)
 def test_dequantize_equals_gguf_reference(name):
     w = _inputs()["gauss"]
     b = quantize_rows(w, name)
