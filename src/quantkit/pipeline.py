@@ -8,8 +8,8 @@ activations block by block.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,11 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import algorithms
-from .errors import SchemeError
+from .errors import QuantkitError, SchemeError
 from .formats import QuantizedWeight, quantize
 from .formats.integer import with_act_range
 from .nn import QuantEmbedding, QuantLinear
-from .scheme import PER_TENSOR, QuantConfig, Scheme, parse_scheme
+from .scheme import PER_TENSOR, QuantConfig, Rule, Scheme, parse_scheme
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +53,141 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _getter(model: nn.Module, attr: str) -> nn.Module | None:
+    fn = getattr(model, attr, None)
+    try:
+        return fn() if callable(fn) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def head_modules(model: nn.Module) -> tuple[str | None, str | None, bool]:
-    """Qualified names of the input embedding and output head, and whether they are tied."""
-    names = {id(m): n for n, m in model.named_modules()}
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    """Qualified names of the input embedding and output head, and whether they are tied.
+
+    Works on float and quantized models alike: a quantized tied head is the QuantLinear its
+    QuantEmbedding holds (`emb.linear`), reachable under two names; the shorter one is the head's."""
+    names: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if id(m) not in names or n.count(".") < names[id(m)].count("."):
+            names[id(m)] = n
+    emb, out = _getter(model, "get_input_embeddings"), _getter(model, "get_output_embeddings")
     emb_name = names.get(id(emb)) if emb is not None else None
     out_name = names.get(id(out)) if out is not None else None
-    tied = emb is not None and out is not None and emb.weight is out.weight
+    tied = emb is not None and out is not None and (
+        out is getattr(emb, "linear", None)
+        or (getattr(emb, "weight", None) is not None and emb.weight is getattr(out, "weight", None)))
     return emb_name, out_name, tied
+
+
+def quantized_summary(model: nn.Module) -> str | None:
+    """The schemes a quantized model stores ("int8", "int4-g128 x 180, int8 x 30"), or None for a
+    float model (no `.quantkit` and no quantized modules)."""
+    info = getattr(model, "quantkit", None)
+    if info is not None:
+        counts = Counter(info.layers.values())
+    else:
+        inner = {id(m.linear) for m in model.modules() if isinstance(m, QuantEmbedding)}
+        counts = Counter(m.scheme.name for m in model.modules() if isinstance(m, QuantLinear) and id(m) not in inner)
+        if not counts and not inner:
+            return None
+    if len(counts) <= 1:
+        return next(iter(counts), "none")
+    return ", ".join(f"{s} x {n}" for s, n in counts.most_common())
+
+
+def check_float(model: nn.Module) -> None:
+    """Refuse a model that is already quantized: its Linears are gone, there is nothing to quantize."""
+    stored = quantized_summary(model)
+    if stored is not None:
+        head = getattr(getattr(model, "quantkit", None), "head", None) or {}
+        extra = f", embeddings/head {head['scheme']}" if head.get("scheme") else ""
+        raise QuantkitError(f"this model is already quantized (scheme {stored}{extra}); quantize the float model "
+                            "instead (load the original, not the quantized checkpoint)")
+
+
+def first_rule(name: str, rules: "tuple[Rule, ...]") -> Rule | None:
+    return next((r for r in rules if r.matches(name)), None)
+
+
+HEAD_STORAGES = ("bf16", "fp16", "fp32", "int8")  # schemes a rule may give the embedding table / output head
+
+
+def head_storage(cfg: QuantConfig, emb_name: str | None, out_name: str | None) -> str:
+    """How the embedding table and output head are stored (one storage for both, as `cfg.head`):
+    the first rule naming either of them with scheme None keeps them in their original
+    precision ("keep"), with bf16/fp16/fp32/int8 stores them so (rules with other schemes do not
+    apply to them; `check_rules` refuses one that names nothing else); else `cfg.head`."""
+    names = [n for n in (out_name, emb_name) if n]
+    for r in cfg.rules:
+        if any(r.matches(n) for n in names) and (r.scheme is None or r.scheme.name in HEAD_STORAGES):
+            return "keep" if r.scheme is None else r.scheme.name
+    return cfg.head
+
+
+def _name_summary(names: list[str], limit: int = 16) -> str:
+    """Names with block indices folded ("model.layers.*.mlp.down_proj (30)"), at most `limit` shown."""
+    groups = Counter(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", n) for n in names)
+    items = [p if c == 1 else f"{p} ({c})" for p, c in groups.items()]
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_rules(cfg: QuantConfig, layers: list[str], emb_name: str | None, out_name: str | None) -> None:
+    """Refuse a rule that names nothing in the model (a typo or another model's plan would
+    otherwise be ignored and its layers quantized silently). `layers`: the quantizable Linears."""
+    heads = [n for n in (out_name, emb_name) if n]
+    for r in cfg.rules:
+        if any(r.matches(n) for n in layers):
+            continue
+        named = [n for n in heads if r.matches(n)]
+        if named and (r.scheme is None or r.scheme.name in HEAD_STORAGES):
+            continue
+        target = "keep" if r.scheme is None else r.scheme.name
+        if named:
+            raise SchemeError(f"rule {r.pattern!r} -> {target} names only {named[0]}, which is stored as bf16, fp16, "
+                              f"fp32 or int8 (head=...), or kept in its original precision (a rule with scheme None)")
+        raise SchemeError(f"rule {r.pattern!r} -> {target} (from rules= or a plan) matches no layer of this model; "
+                          f"its layers are: "
+                          f"{_name_summary(layers + heads)} (a bare name such as down_proj names every layer ending in it)")
+
+
+def quantizable_layers(model: nn.Module) -> list[tuple[str, tuple[int, int]]]:
+    """(name, [out, in]) of every Linear / Conv1D the pipeline quantizes (the output head is the
+    head's, see `head_storage`). Names and shapes only: streamed blocks' weights must be freeable."""
+    _, out_name, _ = head_modules(model)
+    return [(n, tuple(linear_weight(m).shape)) for n, m in model.named_modules()
+            if linear_weight(m) is not None and n != out_name]
+
+
+def resolve_targets(model: nn.Module, cfg: QuantConfig, layers: "list[tuple[str, tuple[int, int]]] | None" = None
+                    ) -> list[tuple[str, tuple[int, int], Scheme | None, str, Scheme | None]]:
+    """The one resolution of a config against a model, before anything is touched: refuses a
+    quantized model and rules that name nothing, then (name, shape, scheme stored, method,
+    scheme asked) per layer of `layers` (default `quantizable_layers(model)`)."""
+    check_float(model)
+    layers = quantizable_layers(model) if layers is None else layers
+    emb_name, out_name, _ = head_modules(model)
+    check_rules(cfg, [n for n, _ in layers], emb_name, out_name)
+    return [(n, shape, *resolve_layer(n, shape, cfg)) for n, shape in layers]
+
+
+def record_fallbacks(info: QuantInfo, resolved) -> None:
+    """Count (and log) the layers whose group size fell back, from `resolve_targets`' result."""
+    for _, shape, scheme, _, asked in resolved:
+        if scheme is not None and scheme != asked:
+            key = f"{asked.name} -> {scheme.name} (input width {shape[1]})"
+            info.fallbacks[key] = info.fallbacks.get(key, 0) + 1
+    for key, count in info.fallbacks.items():
+        log.warning("%d layers: %s, because the group size does not divide the width "
+                    "(strict_groups=True refuses instead)", count, key)
 
 
 def resolve_layer(name: str, shape: tuple[int, int], cfg: QuantConfig) -> tuple[Scheme | None, str, Scheme | None]:
     """(scheme stored, method, scheme asked) for one layer: first matching rule, else the default."""
     scheme, method = cfg.scheme, cfg.method
-    for rule in cfg.rules:
-        if fnmatch.fnmatchcase(name, rule.pattern):
-            scheme, method = rule.scheme, rule.method
-            break
+    rule = first_rule(name, cfg.rules)
+    if rule is not None:
+        scheme, method = rule.scheme, rule.method
     if scheme is None:
         return None, method, None
     fitted = scheme if cfg.strict_groups else scheme.fallback_for(shape[1])
@@ -117,27 +234,18 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, pr
     if loader is not None and not needs_calibration(cfg):
         raise SchemeError("streaming from disk (offload) is for calibrated methods such as gptq; "
                           "rtn needs no streaming: load the model and quantize it")
+    resolved = resolve_targets(model, cfg)  # the model, every layer and every rule checked before any is touched
+    if not resolved:
+        raise SchemeError("this model has no Linear layers to quantize")
+    for _, _, scheme, method, _ in resolved:
+        if scheme is not None:
+            algorithms.get(method).check(scheme)
     if not inplace and loader is None:
         model = copy.deepcopy(model)
     info = QuantInfo(cfg)
     emb_name, out_name, tied = head_modules(model)
-    # names and shapes only, no module references: streamed blocks' float weights must be freeable
-    targets = [(n, tuple(linear_weight(m).shape)) for n, m in model.named_modules()
-               if linear_weight(m) is not None and n != out_name]
-    if not targets:
-        raise SchemeError("this model has no Linear layers to quantize")
-    plans = []
-    for name, shape in targets:  # validate every layer before touching any
-        scheme, method, asked = resolve_layer(name, shape, cfg)
-        if scheme is not None:
-            algorithms.get(method).check(scheme)
-            if scheme != asked:
-                key = f"{asked.name} -> {scheme.name} (input width {shape[1]})"
-                info.fallbacks[key] = info.fallbacks.get(key, 0) + 1
-        plans.append((name, scheme, method))
-    for key, count in info.fallbacks.items():
-        log.warning("%d layers: %s, because the group size does not divide the width "
-                    "(strict_groups=True refuses instead)", count, key)
+    record_fallbacks(info, resolved)
+    plans = [(name, scheme, method) for name, _, scheme, method, _ in resolved]
     if needs_calibration(cfg):
         from .calibrate import quantize_blocks
 
@@ -180,14 +288,15 @@ def relative_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
 
 
 def _quantize_head(model, cfg: QuantConfig, info: QuantInfo, emb_name, out_name, tied, from_file=False) -> None:
-    """Store the embedding table and output head as `cfg.head` (16-bit by default). `from_file`:
+    """Store the embedding table and output head as `head_storage` says (`cfg.head`, 16-bit by
+    default, unless a rule names them). `from_file`:
     a streamed model's table/head may still be views of the memory-mapped float file."""
     emb = model.get_submodule(emb_name) if emb_name else None
     out = model.get_submodule(out_name) if out_name else None
     ref = emb if emb is not None else out
     if ref is None:
         return
-    scheme = _head_scheme(cfg.head, ref.weight.dtype)
+    scheme = _head_scheme(head_storage(cfg, emb_name, out_name), ref.weight.dtype)
     info.head = {"embedding": emb_name, "head": out_name, "tied": tied, "scheme": scheme.name}
     if emb is not None and isinstance(emb, nn.Embedding):
         qe = QuantEmbedding(quantize_table(emb.weight.detach().float(), scheme, from_file), emb.padding_idx,

@@ -24,12 +24,14 @@ shape check; both raise `SchemeError` with a message that lists what is valid.
 """
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, replace
 
 from .errors import SchemeError
 
-GROUP_SIZES = (32, 64, 128, 256, 1024)
+GROUP_SIZES = (32, 64, 128, 256, 1024)  # int{N}-g{G}: the group sizes the grammar accepts
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # nf4-b{N} / fp4-b{N}: the block sizes it accepts
 MAX_ACT_OUTLIERS = 1024  # w8a8-static-...-oN: at most this many float input channels
 INT_BITS = tuple(range(2, 9))
 PACKED_BITS = (2, 3, 4)  # bit widths stored packed below one byte
@@ -130,33 +132,38 @@ class Scheme:
             raise SchemeError(f"{name}: {self.fp_format} needs input widths that are a multiple of "
                               f"{self.group_size}; this one is {shape[1]}")
         if self.act_outliers and self.act_outliers >= shape[1]:
+            fewer = replace(self, act_outliers=min(MAX_ACT_OUTLIERS, max(1, shape[1] // 64))).name
             raise SchemeError(f"{name}: {self.name} keeps {self.act_outliers} input channels in float, but the "
-                              f"layer has only {shape[1]}; choose fewer (e.g. -o{max(1, shape[1] // 64)})")
+                              f"layer has only {shape[1]}; choose fewer (e.g. {fewer})")
         if self.grouped and shape[1] % self.group_size:
-            valid = [g for g in GROUP_SIZES if shape[1] % g == 0]
-            raise SchemeError(
-                f"{name}: group size {self.group_size} does not divide the input width {shape[1]}; "
-                f"valid group sizes for this width: {', '.join(map(str, valid)) or 'none'} (or per channel)"
-            )
+            valid = self.groups_for(shape[1])
+            what = "block" if self.kind in ("nf4", "fp4") else "group"
+            sizes = f"{', '.join(str(s.group_size) for s in valid)} ({', '.join(s.name for s in valid)})" if valid else "none"
+            per_channel = f"; or per channel: {self.with_group(PER_CHANNEL).name}" if self.kind == "int" else ""
+            raise SchemeError(f"{name}: {what} size {self.group_size} does not divide the input width {shape[1]}; "
+                              f"{what} sizes that divide it: {sizes}{per_channel}")
+
+    def groups_for(self, in_features: int) -> "list[Scheme]":
+        """This scheme with each group (block) size its grammar accepts that divides `in_features`."""
+        sizes = {"int": GROUP_SIZES, "nf4": BLOCK_SIZES, "fp4": BLOCK_SIZES}.get(self.kind, ())
+        return [self.with_group(g) for g in sizes if in_features % g == 0] if self.grouped else []
 
     def fallback_for(self, in_features: int) -> "Scheme | None":
-        """The same scheme with the largest smaller power-of-two group that divides `in_features`.
+        """The same scheme with the largest smaller group size that divides `in_features` and
+        that the grammar accepts (GROUP_SIZES for int, BLOCK_SIZES for nf4/fp4), so a checkpoint
+        that records it loads again.
 
         Used at model level (llama.cpp does the same for K-quants): a model whose widths a
         group size does not divide gets, for those layers only, the closest smaller group; the
-        choice is logged and recorded per layer. None if no group of 32 or more divides.
+        choice is logged and recorded per layer. None if no accepted size divides.
         """
         if not self.grouped or in_features % self.group_size == 0:
             return self
         if self.kind == "ggml":  # llama.cpp's chain: Q4_K -> Q5_0, Q6_K -> Q8_0, ...
             nxt = GGUF_FALLBACK.get(self.fp_format)
             return None if nxt is None else gguf_scheme(nxt).fallback_for(in_features)
-        g = self.group_size // 2
-        while g >= 32:
-            if in_features % g == 0:
-                return self.with_group(g)
-            g //= 2
-        return None
+        smaller = [s for s in self.groups_for(in_features) if s.group_size < self.group_size]
+        return smaller[-1] if smaller else None
 
 
 _INT_RE = re.compile(r"^int(\d+)((?:-g-?\d+)|(?:-tensor))?(-sym|-asym)?$")
@@ -200,15 +207,17 @@ def parse_scheme(text: "str | Scheme") -> Scheme:
             group = int(m.group(2)[2:])
             if group != PER_CHANNEL and group not in GROUP_SIZES:
                 raise SchemeError(
-                    f"invalid group size {group} in {text!r}: use one of {', '.join(map(str, GROUP_SIZES))} or -1 (per channel)"
+                    f"invalid group size {group} in {text!r}: the group sizes are {', '.join(map(str, GROUP_SIZES))} "
+                    f"(e.g. int{bits}-g128), or no -g for per channel (int{bits})"
                 )
         symmetric = bits == 8 if m.group(3) is None else m.group(3) == "-sym"
         return Scheme(kind="int", bits=bits, symmetric=symmetric, group_size=group)
     m = _BLOCK_RE.match(s)
     if m:
         block = int(m.group(2)) if m.group(2) else 64
-        if block not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise SchemeError(f"invalid block size {block} in {text!r}: use a power of two from 32 to 4096 (default 64)")
+        if block not in BLOCK_SIZES:
+            raise SchemeError(f"invalid block size {block} in {text!r}: use a power of two from 32 to 4096, e.g. "
+                              f"{m.group(1)}-b128 (no -b: {m.group(1)}, blocks of 64)")
         return Scheme(kind=m.group(1), bits=4, symmetric=True, group_size=block, double_quant=bool(m.group(3)))
     raise SchemeError(f"unknown scheme {text!r}; valid: {GRAMMAR} (e.g. {', '.join(EXAMPLES)})")
 
@@ -226,10 +235,12 @@ def _parse_w8a8(s: str, text) -> Scheme:
         return Scheme(kind="int", bits=8, symmetric=True, group_size=PER_CHANNEL, act="dynamic")
     obs = obs or DEFAULT_ACT_OBSERVER
     if obs not in ACT_OBSERVERS:
-        raise SchemeError(f"unknown observer {obs!r} in {text!r}; valid: {', '.join(ACT_OBSERVERS)}")
+        raise SchemeError(f"unknown observer {obs!r} in {text!r}; valid: "
+                          f"{', '.join('w8a8-static-' + o for o in ACT_OBSERVERS)}")
     n_out = int(outl) if outl else 0
     if outl and not 1 <= n_out <= MAX_ACT_OUTLIERS:
-        raise SchemeError(f"{text!r}: -o{outl} keeps {outl} input channels in float; use 1 to {MAX_ACT_OUTLIERS}")
+        raise SchemeError(f"{text!r}: -o{outl} keeps {outl} input channels in float; use 1 to {MAX_ACT_OUTLIERS} "
+                          f"(e.g. w8a8-static-{obs}-o32)")
     return Scheme(kind="int", bits=8, symmetric=True, group_size=PER_CHANNEL, act="static", observer=obs,
                   act_symmetric=sym != "-asym", act_outliers=n_out)
 
@@ -250,8 +261,15 @@ def parse_schemes(text: str) -> list[Scheme]:
 
 @dataclass(frozen=True)
 class Rule:
-    """Mixed precision as data: layers whose name matches `pattern` (fnmatch) get `scheme`
-    with `method`; scheme None keeps the layer in its original precision."""
+    """Mixed precision as data: layers whose name matches `pattern` get `scheme` with `method`;
+    scheme None keeps the layer in its original precision.
+
+    `pattern` is an fnmatch pattern matched as transformers matches `modules_to_not_convert`
+    (quantizers_utils.should_convert_module), at module boundaries: against the full name
+    ("model.layers.0.mlp.down_proj", "*.mlp.*"), against its last components ("down_proj" and
+    "mlp.down_proj" name every such layer), or naming a parent module ("model.layers.0" names
+    the layers inside it, not those of "model.layers.10").
+    """
 
     pattern: str
     scheme: "Scheme | None"  # or a scheme string, parsed here
@@ -260,6 +278,13 @@ class Rule:
     def __post_init__(self):
         if isinstance(self.scheme, str):
             object.__setattr__(self, "scheme", parse_scheme(self.scheme))
+        if not isinstance(self.pattern, str) or not self.pattern.strip(". "):
+            raise SchemeError(f"a rule needs a module name or pattern, got {self.pattern!r} (e.g. 'down_proj' or '*.mlp.*')")
+
+    def matches(self, name: str) -> bool:
+        """Does `pattern` name the module called `name` (see the class docstring)?"""
+        p = self.pattern
+        return any(fnmatch.fnmatchcase(name, q) for q in (p, "*." + p, p + ".*"))
 
 
 @dataclass(frozen=True)
@@ -284,7 +309,9 @@ class QuantConfig:
 
     `head` is the storage of the embedding table and the output head ("bf16" by default,
     "int8", or "keep" for the original dtype); tied weights stay tied. `rules` are tried in
-    order before the default scheme. `strict_groups` refuses layers whose input width the
+    order before the default scheme (see `Rule` for how names match); a rule naming the output
+    head or the embedding table sets their one storage instead: scheme None keeps them in the
+    original dtype, bf16/fp16/fp32/int8 store them so. `strict_groups` refuses layers whose input width the
     group size does not divide instead of giving them the largest smaller group that does.
     """
 

@@ -79,6 +79,33 @@ def test_modules_to_not_convert_and_compute_dtype(float_dir, ids):
     assert torch.isfinite(_logits(hm, ids)).all()
 
 
+@pytest.mark.parametrize("names", [["down_proj"], ["mlp.down_proj", "lm_head"], ["model.layers.1", "q_proj"]])
+def test_modules_to_not_convert_takes_bare_names_as_bitsandbytes_does(float_dir, ids, names):
+    """A bare name names every module ending in it, a parent the layers inside it (transformers'
+    should_convert_module), and lm_head keeps the output head in its original precision."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model, d = float_dir
+    hm = _from_pretrained(d, quantization_config=qk.QuantkitConfig(scheme="int4-g32", head="int8",
+                                                                   modules_to_not_convert=names))
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and n != "lm_head":
+            kept = not should_convert_module(n, names)
+            assert (type(hm.get_submodule(n)).__name__ == "Linear") == kept, n
+            assert (n in hm.quantkit.layers) == (not kept), n
+    assert hm.quantkit.head["scheme"] == ("fp32" if "lm_head" in names else "int8")
+    ref = qk.quantize(model, "int4-g32", head="int8", rules=[qk.Rule(n, None) for n in names], progress=False)
+    assert hm.quantkit.layers == ref.quantkit.layers and hm.quantkit.head == ref.quantkit.head
+    assert torch.equal(_logits(hm, ids), _logits(ref, ids))
+
+
+def test_modules_to_not_convert_that_names_nothing_is_refused(float_dir):
+    _, d = float_dir
+    with pytest.raises(SchemeError) as e:
+        _from_pretrained(d, quantization_config=qk.QuantkitConfig(scheme="int4-g32", modules_to_not_convert=["dense_4h"]))
+    assert "'dense_4h'" in str(e.value) and "model.layers.*.mlp.down_proj (2)" in str(e.value)
+
+
 def test_bitsandbytes_style_shortcuts():
     assert qk.QuantkitConfig(load_in_4bit=True).scheme == "nf4-b64-dq"
     assert qk.QuantkitConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False).scheme == "fp4-b64"

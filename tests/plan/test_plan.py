@@ -146,6 +146,18 @@ def test_bad_budget_and_plan_files(tmp_path):
         Plan.load(tmp_path / "p.json")
 
 
+def test_a_plan_whose_layers_are_not_in_the_model_is_refused(tiny, tmp_path):
+    names = [f"model.layers.{b}.mlp.down_proj" for b in range(3)]  # block 2: a deeper model's plan
+    (tmp_path / "p.json").write_text(Plan({n: "int4-g32" for n in names}).to_json())
+    plan = Plan.load(tmp_path / "p.json")
+    for call in (lambda: qk.quantize(tiny, plan.config(), progress=False),
+                 lambda: plan_size(tiny, plan.choice, "bf16")):
+        with pytest.raises(SchemeError) as e:
+            call()
+        assert "'model.layers.2.mlp.down_proj' -> int4-g32" in str(e.value)
+        assert "its layers are: model.layers.*.self_attn.q_proj (2)" in str(e.value)
+
+
 def test_sensitivity_json_round_trip(sens):
     again = Sensitivity.from_dict(json.loads(json.dumps(sens.to_dict())))
     assert again.kld == sens.kld and again.shapes == sens.shapes

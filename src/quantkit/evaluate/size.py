@@ -4,6 +4,11 @@ Memory is counted per underlying storage, so tied weights (an output head that s
 embedding matrix), views and aliases are counted once, and a quantized layer's packed buffers
 count at their real size. Everything the module holds counts: parameters and all buffers,
 persistent or not (rotary ``inv_freq`` tables included) — it is what the process actually holds.
+
+Parameters are the weights a model represents: a quantized layer (a module with
+``quantized_weight()`` and ``in_features``/``out_features``, e.g. QuantLinear) counts its
+``[out, in]`` weight, whatever its packed buffers hold, so a quantized model reports the
+parameter count of the float model it came from.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from torch import nn
 
 from quantkit.errors import SourceError
 
-__all__ = ["GROUPS", "WEIGHT_SUFFIXES", "disk_bytes", "memory_bytes", "module_breakdown", "param_dtypes"]
+__all__ = ["GROUPS", "WEIGHT_SUFFIXES", "disk_bytes", "memory_bytes", "module_breakdown", "param_dtypes",
+           "weight_count"]
 
 #: Roles reported by :func:`module_breakdown`, in the order storage is attributed
 #: (the head comes last so a tied head finds its storage already counted by the embeddings).
@@ -108,16 +114,35 @@ def param_dtypes(model: nn.Module) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def _quantized_elements(module: nn.Module) -> int | None:
+    """[out, in] element count of a quantized layer's weight (held as packed buffers), else None."""
+    if callable(getattr(module, "quantized_weight", None)) and hasattr(module, "in_features"):
+        return int(module.out_features) * int(module.in_features)
+    return None
+
+
+def weight_count(model: nn.Module) -> int:
+    """Parameters the model represents: every distinct parameter, plus each distinct quantized
+    layer's [out, in] weight (its packed buffers are that weight's storage)."""
+    params = {id(p): p.numel() for p in model.parameters()}
+    quant = {id(m): n for m in model.modules() if (n := _quantized_elements(m)) is not None}
+    return sum(params.values()) + sum(quant.values())
+
+
+def _is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) or (hasattr(module, "num_embeddings") and hasattr(module, "embedding_dim"))
+
+
 def _is_linear(module: nn.Module) -> bool:
     name = type(module).__name__
     return isinstance(module, nn.Linear) or "Linear" in name or name == "Conv1D"
 
 
-def _role(mname: str, module: nn.Module, head: nn.Module | None) -> str:
+def _role(mname: str, module: nn.Module, head: nn.Module | None, embeddings: set[str]) -> str:
+    if mname in embeddings or any(mname.startswith(e + ".") for e in embeddings):
+        return "embeddings"  # a quantized table's inner layer too (the tied head reached under the table's name)
     if head is not None and module is head:
         return "head"
-    if isinstance(module, nn.Embedding):
-        return "embeddings"
     if "Norm" in type(module).__name__:
         return "norms"
     if _is_linear(module):
@@ -136,11 +161,13 @@ def module_breakdown(model: nn.Module) -> dict[str, dict]:
     ``attention`` (linear layers named like attn/q_proj/query/c_attn/...), ``mlp`` (other linear
     layers in the blocks: mlp/ffn/fc/gate/up/down/dense/...), ``norms`` (class name contains
     "Norm"), ``other`` (everything else, e.g. rotary tables). Linear layers are nn.Linear, any
-    class named ``*Linear*`` (quantized layers) and GPT-2's ``Conv1D``.
+    class named ``*Linear*`` (quantized layers) and GPT-2's ``Conv1D``. A quantized embedding
+    table (QuantEmbedding) and what it holds are ``embeddings``.
 
-    Each entry: ``params`` (parameter elements), ``buffers`` (buffer elements), ``bytes``, ``dtypes``
+    Each entry: ``params`` (parameter elements; a quantized layer counts its [out, in] weight, see
+    :func:`weight_count`), ``buffers`` (elements of the other buffers), ``bytes``, ``dtypes``
     (sorted dtype names), ``tied`` (bool). Each tensor and storage is attributed once, to the
-    first role in GROUPS order that holds it, so the entries sum to the model's parameter count and
+    first role in GROUPS order that holds it, so the entries sum to :func:`weight_count` and
     to :func:`memory_bytes`; a head tied to the embeddings shows ``tied=True`` with 0 params and
     0 bytes of its own.
     """
@@ -150,22 +177,30 @@ def module_breakdown(model: nn.Module) -> dict[str, dict]:
     except (NotImplementedError, AttributeError):
         head = None
 
-    held: dict[str, list[tuple[torch.Tensor, bool]]] = {g: [] for g in GROUPS}
+    embeddings = {n for n, m in model.named_modules(remove_duplicate=False) if _is_embedding(m)}
+    held: dict[str, list[tuple[nn.Module, torch.Tensor, bool]]] = {g: [] for g in GROUPS}
     for mname, module, _, t, is_param in _tensors(model):
-        held[_role(mname, module, head)].append((t, is_param))
+        held[_role(mname, module, head, embeddings)].append((module, t, is_param))
 
     seen_tensors: set[int] = set()
     seen_storage: set[object] = set()
+    seen_quantized: set[int] = set()
     out: dict[str, dict] = {}
     for group in GROUPS:
         entry = {"params": 0, "buffers": 0, "bytes": 0, "dtypes": set(), "tied": False}
-        for t, is_param in held[group]:
+        for module, t, is_param in held[group]:
             entry["dtypes"].update(_dtype_name(leaf.dtype) for leaf in _leaves(t))
             if id(t) in seen_tensors:
                 entry["tied"] = True
                 continue
             seen_tensors.add(id(t))
-            entry["params" if is_param else "buffers"] += t.numel()
+            packed = _quantized_elements(module) if not is_param else None
+            if packed is not None:  # a quantized layer's storage: its weight counts once, as parameters
+                if id(module) not in seen_quantized:
+                    seen_quantized.add(id(module))
+                    entry["params"] += packed
+            else:
+                entry["params" if is_param else "buffers"] += t.numel()
             for leaf in _leaves(t):
                 key, nbytes = _storage(leaf)
                 if key in seen_storage:

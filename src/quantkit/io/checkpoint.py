@@ -9,7 +9,8 @@ Layout (format_version 1):
   "quantkit", "format_version", "config" (QuantConfig.to_dict()), "layers" {name: scheme},
   "methods", "head", "fallbacks", "errors" (relative weight error per layer)}; the tokenizer files beside it.
 Writes go to a temporary folder renamed at the end (io.atomic). `load_checkpoint` builds the
-model with empty weights, swaps in the quantized modules and assigns the stored tensors.
+model with empty weights, refuses a damaged or edited folder (io/checkpoint_validate.py: config,
+schemes, stored names/dtypes/shapes, NaN/Inf), swaps in the quantized modules and assigns the stored tensors.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import nn
 from ..errors import QuantkitError, SourceError
 from ..formats import QuantizedWeight, quantize
 from ..nn import QuantEmbedding, QuantLinear
-from ..pipeline import QuantInfo, _set_module, head_modules, linear_weight, resolve_layer, _head_scheme
+from ..pipeline import QuantInfo, _head_scheme, _set_module, head_modules, head_storage, linear_weight, resolve_targets
 from ..scheme import QuantConfig, parse_scheme
 from .atomic import atomic_dir
 
@@ -64,6 +65,15 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         out.update(group)
     return {k: (v.detach().contiguous().clone() if v.untyped_storage().nbytes() != v.nbytes else v.detach().contiguous())
             for k, v in out.items()}
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Exact bytes of the `model.safetensors` that `save(model)` writes for this quantized model
+    (from the stored parts' dtypes and shapes, one module unpacked at a time; nothing written)."""
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for group in _checkpoint_groups(model):
+        specs.update({k: (t.dtype, tuple(t.shape)) for k, t in group.items()})
+    return safetensors_bytes(specs, METADATA)
 
 
 def _spill_parts(model: nn.Module, tmp) -> "tuple[dict, dict] | None":
@@ -126,13 +136,16 @@ def quantization_config(model: nn.Module) -> dict:
     }
 
 
-def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write `model` (returned by quantize) to `out_dir` atomically; returns the folder."""
+def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False, protect=()) -> Path:
+    """Write `model` (returned by quantize) to `out_dir` atomically; returns the folder.
+
+    `out_dir` may hold a previous quantkit checkpoint; anything else there is refused unless
+    `overwrite` (io.atomic.check_output); `protect`ed paths (the source) never are."""
     if not hasattr(model, "quantkit"):
         raise QuantkitError("this model was not quantized by quantkit; call qk.quantize(model, scheme) first "
                             "(scheme fp32 or bf16 stores it unquantized)")
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "checkpoint", overwrite, protect) as tmp:
         _write_weights(model, Path(tmp) / WEIGHTS_FILE)
         config = model.config.to_dict()
         config["quantization_config"] = quantization_config(model)
@@ -197,22 +210,19 @@ def expected_weights_bytes(model: nn.Module, cfg: QuantConfig) -> int:
     specs: dict[str, tuple] = {}
     emb_name, out_name, tied = head_modules(model)
     replaced = set()
-    for name, mod in model.named_modules():
-        w = linear_weight(mod)
-        if w is None or name == out_name:
-            continue
-        scheme, _, _ = resolve_layer(name, tuple(w.shape), cfg)
+    for name, shape, scheme, _, _ in resolve_targets(model, cfg):  # the layers and schemes quantize resolves
         if scheme is None:
             continue
+        mod = model.get_submodule(name)
         replaced.add(name)
-        for part, sp in _spec(_meta_quantize(tuple(w.shape), scheme)).items():
+        for part, sp in _spec(_meta_quantize(shape, scheme)).items():
             specs[f"{name}.{part}"] = sp
         if getattr(mod, "bias", None) is not None:
             specs[f"{name}.bias"] = (mod.bias.dtype, tuple(mod.bias.shape))
     ref = model.get_submodule(emb_name) if emb_name else (model.get_submodule(out_name) if out_name else None)
     replaced.update(n for n in (emb_name, out_name) if n)
     if ref is not None:
-        hs = _head_scheme(cfg.head, ref.weight.dtype)
+        hs = _head_scheme(head_storage(cfg, emb_name, out_name), ref.weight.dtype)
         for mname in [emb_name] + ([] if tied else [out_name]):
             if mname is None:
                 continue
@@ -245,26 +255,32 @@ def is_quantkit_dir(path: str | Path) -> bool:
         return False
 
 
-def _check_safetensors(path: Path) -> None:
+def _check_safetensors(path: Path) -> dict:
+    """The header ({name: {dtype, shape, data_offsets}}) of a complete safetensors file."""
+    from .validate import safetensors_header
+
     if not path.is_file():
         raise SourceError(f"{path.parent}: missing {path.name}; the checkpoint is incomplete, save it again")
     size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        header, need = safetensors_header(path)
     except Exception as e:
         raise SourceError(f"{path}: not a valid safetensors file ({type(e).__name__}); save the checkpoint again") from None
-    if size < 8 + n + end:
-        raise SourceError(f"{path} is truncated ({size} of {8 + n + end} bytes); copy or save it again")
+    if size < need:
+        raise SourceError(f"{path} is truncated ({size} of {need} bytes); copy or save it again")
+    return header
 
 
-def quant_info(qc: dict) -> QuantInfo:
-    """The QuantInfo a saved `quantization_config` describes."""
-    return QuantInfo(QuantConfig.from_dict(qc["config"]), layers=dict(qc["layers"]), methods=dict(qc.get("methods", {})),
-                     head=dict(qc.get("head", {})), errors=dict(qc.get("errors", {})),
-                     fallbacks=dict(qc.get("fallbacks", {})))
+def quant_info(qc: dict, where: str | Path = "quantization_config") -> QuantInfo:
+    """The QuantInfo a saved `quantization_config` describes (SourceError naming `where` if it is damaged)."""
+    from .checkpoint_validate import validate_quantization_config
+
+    return validate_quantization_config(qc, where)
+
+
+def stored_parts(shape, scheme) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """{part: (dtype, shape)} that `scheme` stores for a weight of `shape` (what `save` writes)."""
+    return _spec(_meta_quantize(tuple(shape), scheme))
 
 
 def install_quantized(model: nn.Module, info: QuantInfo, keys: set[str], get, dtype: torch.dtype) -> set[str]:
@@ -318,28 +334,38 @@ def stored_shape(mod: nn.Module) -> tuple[int, int]:
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Rebuild a model saved by `save`: same modules, same kernels, identical logits."""
+    """Rebuild a model saved by `save`: same modules, same kernels, identical logits. A
+    damaged or edited checkpoint is refused (io/checkpoint_validate.py) before anything loads."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from . import checkpoint_validate as cv
+    from .validate import check_finite, check_tokenizer_files, one_line
+
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
-    qc = raw.pop("quantization_config")
-    if int(qc.get("format_version", 0)) > FORMAT_VERSION:
-        raise SourceError(f"{path}: written by a newer quantkit (format {qc['format_version']}); upgrade quantkit")
+    raw = cv.read_config(path)
+    info = cv.validate_quantization_config(raw.pop("quantization_config", None), path)
     weights = path / WEIGHTS_FILE
-    _check_safetensors(weights)
-    config = AutoConfig.for_model(**raw)
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except ValueError:
-            model = AutoModel.from_config(config, dtype=dtype)
-    info = quant_info(qc)
+    header = _check_safetensors(weights)
+    try:
+        config = AutoConfig.for_model(**raw)
+        with init_empty_weights(include_buffers=False):
+            try:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            except ValueError:
+                model = AutoModel.from_config(config, dtype=dtype)
+    except Exception as e:
+        raise SourceError(f"{path / 'config.json'} does not describe a model transformers can build "
+                          f"(model_type {raw.get('model_type')!r}): {one_line(e)}; save the checkpoint again") from None
+    cv.validate_contents(model, info, header, path)
+    check_tokenizer_files(path)
     with safe_open(str(weights), framework="pt") as f:
         keys = set(f.keys())
-        used = install_quantized(model, info, keys, f.get_tensor, dtype)
-        rest = {k: f.get_tensor(k) for k in keys - used}
+        stored = {k: f.get_tensor(k) for k in keys}
+    check_finite(sorted(stored.items()), str(weights))
+    used = install_quantized(model, info, keys, stored.__getitem__, dtype)
+    rest = {k: stored[k] for k in keys - used}
+    del stored
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta or unexpected:
@@ -349,5 +375,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
     model.eval()
     tokenizer = None
     if any((path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:
+            raise SourceError(f"{path}: its tokenizer files do not load ({one_line(e)}); copy them again, or "
+                              "delete them to load without a tokenizer") from None
     return model, tokenizer

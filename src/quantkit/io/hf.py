@@ -33,7 +33,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..errors import SchemeError
 from ..memory import release_file_pages, trim_heap
 from ..pipeline import (QuantInfo, _quantize_head, _set_module, head_modules, linear_weight, needs_calibration,
-                        resolve_layer, swap_quantized, validate_config)
+                        record_fallbacks, resolve_targets, swap_quantized, validate_config)
 from ..scheme import QuantConfig, Rule, make_config, parse_scheme
 from .checkpoint import (FORMAT_VERSION, METADATA, _meta_quantize, _spec, checkpoint_tensors, install_quantized,
                          quant_info, quantization_config)
@@ -61,7 +61,11 @@ class QuantkitConfig(QuantizationConfigMixin):
     "int8", "llm-int8"; method: "rtn" or "llm-int8" (data-free: GPTQ needs calibration data,
     use `qk.quantize`); head: embeddings/output head storage (bf16 default, "int8", "keep", ...);
     compute_dtype: dtype the unquantized parameters and activations use (default: the
-    checkpoint's); modules_to_not_convert: fnmatch patterns of Linears left in float.
+    checkpoint's); modules_to_not_convert: Linears left in float, named as for bitsandbytes: a bare
+    name ("down_proj", "mlp.down_proj") names every layer ending in it, a parent ("model.layers.0")
+    the layers inside it, and fnmatch patterns ("*.mlp.*") work too (`scheme.Rule`); "lm_head"
+    keeps the output head (and the embedding table it is stored with) in its original precision.
+    A name that matches no module is refused, listing the model's layers.
 
     bitsandbytes-style shortcuts: `load_in_4bit=True` (with `bnb_4bit_quant_type` "nf4"/"fp4",
     `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`, `bnb_4bit_blocksize` 64) means
@@ -205,17 +209,11 @@ class QuantkitHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             self._install_placeholders(model)
             return model
-        for name, mod in model.named_modules():  # every layer is checked before any weight is read
-            w = linear_weight(mod)
-            if w is None or name == out_name or not isinstance(mod, nn.Linear):
-                continue
-            scheme, method, asked = resolve_layer(name, tuple(w.shape), self.cfg)
-            if scheme is None:
-                continue
-            if scheme != asked:
-                key = f"{asked.name} -> {scheme.name} (input width {w.shape[1]})"
-                self.info.fallbacks[key] = self.info.fallbacks.get(key, 0) + 1
-            self.targets[name] = (scheme, method)
+        layers = [(n, tuple(mod.weight.shape)) for n, mod in model.named_modules()
+                  if isinstance(mod, nn.Linear) and n != out_name]
+        resolved = resolve_targets(model, self.cfg, layers)  # every layer and rule checked before any weight is read
+        record_fallbacks(self.info, resolved)
+        self.targets = {n: (scheme, method) for n, _, scheme, method, _ in resolved if scheme is not None}
         if not self.targets:
             raise SchemeError("this model has no Linear layers to quantize")
         return model

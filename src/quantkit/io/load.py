@@ -10,7 +10,11 @@
     safetensors_file  one .safetensors file with a config.json next to it (= its folder)
     hub          an `owner/name` id that is not a local path, passed to transformers
 
-Bad input raises `SourceError` with one line that says what to do.
+Bad input raises `SourceError` with one line that says what to do. Around every load the
+checks of io/validate.py run: a GGUF needs its shape metadata and the tensors of every block,
+the model must fit in the memory available, transformers' loading report must list no missing,
+unexpected or misshapen weight (it would fill gaps with random values), and no float weight may
+hold NaN or Inf. Weights only in pickle files (*.bin) are read only with `allow_pickle=True`.
 """
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ import json
 import logging
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import SourceError
-from . import models
+from . import models, validate
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +128,12 @@ def _gguf_arch_supported(arch: str) -> bool | None:
 
 
 _GGUF_PRE: dict[str, str | None] = {}  # resolved path -> tokenizer.ggml.pre, read by validate_gguf
+_GGUF_SIZE: dict[str, tuple[int, int]] = {}  # resolved path -> (elements its tensors hold, block count)
 
 
 def validate_gguf(path: Path) -> str:
-    """Check a GGUF file's magic, header and tensor extents; return its architecture."""
+    """Check a GGUF file's magic, header, tensor extents, shape metadata and the tensors its
+    blocks need (validate.check_gguf_structure); return its architecture."""
     if not path.is_file():
         raise SourceError(f"no such file: {path}")
     with open(path, "rb") as f:
@@ -149,6 +154,11 @@ def validate_gguf(path: Path) -> str:
         arch = bytes(field.parts[field.data[0]]).decode("utf-8")
         pre = reader.fields.get("tokenizer.ggml.pre")
         _GGUF_PRE[str(path.resolve())] = None if pre is None else bytes(pre.parts[pre.data[0]]).decode("utf-8")
+        fields = {}
+        for key in (f"{arch}.block_count", f"{arch}.embedding_length"):
+            f = reader.fields.get(key)
+            fields[key] = None if f is None or not f.data else f.contents()
+        tensors = [(t.name, tuple(int(d) for d in t.shape), int(t.n_elements)) for t in reader.tensors]
     except SourceError:
         raise
     except Exception as e:  # the reader fails in many ways on damaged files
@@ -156,33 +166,14 @@ def validate_gguf(path: Path) -> str:
     if _gguf_arch_supported(arch) is False:
         raise SourceError(f"{path} has GGUF architecture {arch!r}, which transformers' GGUF loader does not "
                           "support; convert the original model instead, or pass a Hugging Face folder")
+    elements = validate.check_gguf_structure(path, arch, fields, tensors)
+    _GGUF_SIZE[str(path.resolve())] = (elements, int(fields[f"{arch}.block_count"]))
     return arch
 
 
-def _safetensors_extent(path: Path) -> tuple[int, int]:
-    """(bytes the header says the file needs, bytes the file has). Raises ValueError if unreadable."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size, 100_000_000):
-            raise ValueError(f"header length {n} is larger than the file")
-        header = json.loads(f.read(n).decode("utf-8"))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, stop = info["data_offsets"]
-        end = max(end, int(stop))
-    return 8 + n + end, size
-
-
-def validate_hf_dir(folder: Path) -> dict:
-    """Check a Hugging Face folder's weight files; return its config.json."""
+def validate_hf_dir(folder: Path, allow_pickle: bool = False) -> dict:
+    """Check a Hugging Face folder's weight files; return its config.json. Weights only in
+    pickle files (*.bin) are refused unless `allow_pickle`."""
     cfg = _read_config(folder)
     files = sorted(folder.glob("*.safetensors"))
     index = folder / "model.safetensors.index.json"
@@ -197,14 +188,18 @@ def validate_hf_dir(folder: Path) -> dict:
                               "copy the complete model folder")
     if not files and not any(folder.glob("*.bin")):
         raise SourceError(f"{folder} has config.json but no weights (*.safetensors or *.bin)")
+    if not files and not allow_pickle:
+        raise validate.pickle_refusal(folder)
     for f in files:
         try:
-            need, have = _safetensors_extent(f)
+            _, need = validate.safetensors_header(f)
+            have = f.stat().st_size
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise SourceError(f"{f} is truncated or not a valid safetensors file: {_short(e)}") from None
         if have < need:
             raise SourceError(f"{f} is truncated: its header needs {need} bytes, the file has {have}; "
                               "download or copy it again")
+    validate.check_tokenizer_files(folder)
     return cfg
 
 
@@ -259,6 +254,22 @@ def _finish(model: nn.Module) -> nn.Module:
     return model
 
 
+def _gguf_fits(path: Path, arch: str, elements: int, dtype: torch.dtype) -> None:
+    """Refuse a GGUF whose float model does not fit: transformers dequantizes every tensor to
+    float32 first, then copies it into the model (so both are held at the peak)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise SourceError(f"transformers could not read the metadata of {path} (GGUF architecture {arch!r}): "
+                          f"{_short(e)}") from None
+    params = max(elements, validate.meta_parameter_count(AutoModelForCausalLM, config) or 0)
+    per = 4 + torch.empty((), dtype=dtype).element_size()
+    validate.check_fits(params, per, str(path), "a GGUF is dequantized whole, even for streaming: "
+                        + validate.STREAMING_HINT)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -268,49 +279,85 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers.utils import logging as hf_logging
 
     arch = validate_gguf(path)
+    elements, blocks = _GGUF_SIZE[str(path.resolve())]
+    _gguf_fits(path, arch, elements, dtype)
     bar = gguf_utils.tqdm
     try:  # transformers' GGUF de-quantizing bar ignores its own progress-bar switch: honour it here
         if not hf_logging.is_progress_bar_enabled():
             gguf_utils.tqdm = functools.partial(bar, disable=True)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:
         raise SourceError(f"transformers could not load {path} (GGUF architecture {arch!r}): {_short(e)}") from None
     finally:
         gguf_utils.tqdm = bar
+    validate.check_loading_info(info, str(path), lambda k: validate.gguf_hf_to_gguf_name(arch, blocks, k))
+    validate.check_finite(model.state_dict().items(), str(path))
     pre = _GGUF_PRE.get(str(path.resolve()))
     if pre:  # llama.cpp's pre-tokenizer name; GGUF export writes it back (saved with checkpoints too)
         model.config.gguf_tokenizer_pre = pre
     return model, tok
 
 
-def _load_hf_dir(folder: Path, dtype: torch.dtype):
-    cfg = validate_hf_dir(folder)
-    cls = _model_class(cfg, str(folder))
+def _hf_dir_fits(folder: Path, cls, dtype: torch.dtype) -> None:
+    """Refuse a folder whose model (as config.json describes it, or as its weight files hold
+    it, whichever is bigger) does not fit in memory at `dtype`."""
+    from transformers import AutoConfig
+
     try:
-        model = cls.from_pretrained(folder, dtype=dtype)
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise SourceError(f"{folder / 'config.json'} does not describe a model transformers can build: "
+                          f"{_short(e)}") from None
+    try:
+        stored = validate.safetensors_params(sorted(folder.glob("*.safetensors")))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"{folder}: a safetensors header is damaged: {_short(e)}") from None
+    params = max(stored, validate.meta_parameter_count(cls, config) or 0)
+    validate.check_fits(params, torch.empty((), dtype=dtype).element_size(), str(folder))
+
+
+def _load_hf_dir(folder: Path, dtype: torch.dtype, allow_pickle: bool = False):
+    cfg = validate_hf_dir(folder, allow_pickle)
+    cls = _model_class(cfg, str(folder))
+    _hf_dir_fits(folder, cls, dtype)
+    safetensors = any(folder.glob("*.safetensors"))
+    try:
+        model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True,
+                                          use_safetensors=safetensors, weights_only=True)
     except Exception as e:
         raise SourceError(f"transformers could not load {folder}: {_short(e)}") from None
+    validate.check_loading_info(info, str(folder))
+    validate.check_finite(model.state_dict().items(), str(folder))
     return model, _load_tokenizer(folder)
 
 
-def _load_hub(hub_id: str, dtype: torch.dtype):
+def _load_hub(hub_id: str, dtype: torch.dtype, allow_pickle: bool = False):
     from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(hub_id)
         cls = _model_class(cfg.to_dict(), hub_id)
-        model = cls.from_pretrained(hub_id, dtype=dtype)
+        kwargs = {} if allow_pickle else {"use_safetensors": True}
+        model, info = cls.from_pretrained(hub_id, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True,
+                                          weights_only=True, **kwargs)
     except SourceError:
         raise
     except Exception as e:
+        hint = ("; if it has only pickle weights (*.bin), pass --allow-pickle" if not allow_pickle
+                and "safetensors" in str(e) else "")
         raise SourceError(f"could not load hub id {hub_id} (offline? pass a local folder or a .gguf file): "
-                          f"{_short(e)}") from None
+                          f"{_short(e)}{hint}") from None
+    validate.check_loading_info(info, hub_id)
+    validate.check_finite(model.state_dict().items(), hub_id)
     return model, _load_tokenizer(hub_id)
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load any model source as (model in eval mode, tokenizer or None)."""
+def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+    """Load any model source as (model in eval mode, tokenizer or None). Weights stored only as
+    pickle files (pytorch_model.bin) are refused unless `allow_pickle` (then read with torch's
+    weights-only unpickler)."""
     src = source if isinstance(source, Source) else resolve(source)
     if src.kind == "alias":
         model, tok = _load_gguf(models.fetch(src.name), dtype)
@@ -321,15 +368,15 @@ def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
         model, tok = load_checkpoint(src.path, dtype=dtype)
     elif src.kind in ("hf_dir", "safetensors_file"):
-        model, tok = _load_hf_dir(src.path, dtype)
+        model, tok = _load_hf_dir(src.path, dtype, allow_pickle)
     elif src.kind == "hub":
-        model, tok = _load_hub(src.name, dtype)
+        model, tok = _load_hub(src.name, dtype, allow_pickle)
     else:  # pragma: no cover - resolve only returns KINDS
         raise SourceError(f"unknown source kind {src.kind!r}")
     return _finish(model), tok
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
 
 
@@ -349,4 +396,4 @@ def source_bytes_on_disk(source: str | os.PathLike | Source) -> int:
             raise SourceError(f"hub id {src.name} is not in the local Hugging Face cache: {_short(e)}") from None
     else:
         folder = src.path
-    return sum(f.stat().st_size for f in _weight_files(folder))
+    return sum(f.stat().st_size for f in weight_files(folder))

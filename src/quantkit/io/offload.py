@@ -12,9 +12,13 @@ and the calibration activations — not the float model.
 Sources: a Hugging Face folder of safetensors (sharded or not) is read in place. Any other
 source (a GGUF file, the `smollm2` alias, a hub id) is first written to `offload_dir` as a
 float safetensors folder by a child process, so the float model never sits in this process.
+That folder carries the source's fingerprint (`FINGERPRINT`): it is reused only for the same
+source, expanded again when the source changed, and a `float` folder without one is never
+touched. Every tensor read is checked for NaN/Inf and for a place in the model.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -27,20 +31,62 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import SourceError
-from ..memory import trim_heap
+from ..memory import release_file_pages, trim_heap
 from .atomic import atomic_dir
+from .validate import check_finite, one_line
 
 log = logging.getLogger(__name__)
 
 
-def _expand_to_folder(source: str, folder: Path, dtype: str) -> None:
+FINGERPRINT = "quantkit-source.json"  # in a float folder quantkit expanded: which source it holds
+
+
+def _file_id(path: Path, head: bool) -> dict:
+    st = path.stat()
+    out = {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if head:  # a copy with the same size and mtime but other bytes is another model
+        with open(path, "rb") as f:
+            out["head_sha256"] = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    return out
+
+
+def source_fingerprint(source, dtype: str) -> dict:
+    """What identifies the source a float folder was expanded from: its resolved path, and the
+    size, mtime and (for a single file) a hash of the first MiB of its files."""
+    from . import models
+    from .load import resolve, weight_files
+
+    src = resolve(source)
+    fp: dict = {"format": 1, "kind": src.kind, "dtype": dtype}
+    if src.kind == "hub":
+        fp["hub"] = src.name
+        try:  # the cached snapshot (its folder name is the commit)
+            from huggingface_hub import snapshot_download
+
+            fp["snapshot"] = snapshot_download(src.name, local_files_only=True)
+        except Exception:
+            pass
+        return fp
+    path = models.fetch(src.name, quiet=True) if src.kind == "alias" else Path(src.path)
+    fp["path"] = str(path.resolve())
+    if path.is_file():
+        fp["files"] = [_file_id(path, head=True)]
+    else:
+        files = weight_files(path) + [f for f in (path / "config.json",) if f.is_file()]
+        fp["files"] = [_file_id(f, head=False) for f in files]
+    return fp
+
+
+def _expand_to_folder(source: str, folder: Path, dtype: str, fingerprint: dict, allow_pickle: bool,
+                      replace: bool, protect) -> None:
     """Write `source` as a float safetensors folder (+ tokenizer), in a child process."""
     # safetensors directly, not save_pretrained: transformers refuses to save a model it
     # de-quantized from GGUF. Tied tensors are written once, under their first name.
     code = (
         "import sys, torch; from pathlib import Path; from safetensors.torch import save_file; "
         "from quantkit.io.load import load; "
-        "m, t = load(sys.argv[1], dtype=getattr(torch, sys.argv[3])); seen, sd = set(), {}\n"
+        "m, t = load(sys.argv[1], dtype=getattr(torch, sys.argv[3]), allow_pickle=sys.argv[4] == '1'); "
+        "seen, sd = set(), {}\n"
         "for k, v in m.state_dict().items():\n"
         "    if v.data_ptr() not in seen: seen.add(v.data_ptr()); sd[k] = v.contiguous()\n"
         "save_file(sd, str(Path(sys.argv[2]) / 'model.safetensors'), metadata={'format': 'pt'}); "
@@ -48,27 +94,54 @@ def _expand_to_folder(source: str, folder: Path, dtype: str) -> None:
         "t is not None and t.save_pretrained(sys.argv[2])"
     )
     log.warning("expanding %s to float safetensors in %s (once, in a child process)", source, folder)
-    with atomic_dir(folder) as tmp:
-        r = subprocess.run([sys.executable, "-c", code, str(source), str(tmp), dtype], capture_output=True, text=True)
+    with atomic_dir(folder, kind="float", overwrite=replace, protect=protect) as tmp:
+        r = subprocess.run([sys.executable, "-c", code, str(source), str(tmp), dtype, "1" if allow_pickle else "0"],
+                           capture_output=True, text=True)
         if r.returncode:
             last = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+            if last.startswith("quantkit.errors."):  # the child's own one-line error
+                last = last.split(": ", 1)[-1]
             raise SourceError(f"could not expand {source} into {folder}: {last}")
+        (Path(tmp) / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
 
 
-def float_folder(source, offload_dir: str | Path | None, dtype: str = "float32") -> Path:
-    """A folder of float safetensors + config.json for `source` (in place for HF folders)."""
-    from .load import resolve
+def float_folder(source, offload_dir: str | Path | None, dtype: str = "float32", allow_pickle: bool = False) -> Path:
+    """A folder of float safetensors + config.json for `source` (in place for HF folders).
+
+    Other sources are expanded once into `offload_dir/float`, with the source's fingerprint
+    (`FINGERPRINT`) beside the weights: a later run reuses the folder only for the same source
+    (same file, size, mtime and first MiB; same dtype) and expands it again, replacing only that
+    folder, when the source changed. A `float` folder without the fingerprint was not written
+    by quantkit and is never touched."""
+    from .load import resolve, validate_hf_dir
 
     src = resolve(source)
     if src.kind in ("hf_dir", "safetensors_file"):
         folder = Path(src.path)
         if any(folder.glob("*.safetensors")):
             return folder
+        validate_hf_dir(folder, allow_pickle)  # refuses pickle-only weights before any work
     if offload_dir is None:
         raise SourceError(f"streaming {source} needs --offload-dir: a folder for its float weights on disk")
     folder = Path(offload_dir) / "float"
-    if not (folder / "config.json").is_file():
-        _expand_to_folder(str(source), folder, dtype)
+    want = source_fingerprint(source, dtype)
+    replace = False
+    if folder.is_symlink() or folder.exists():
+        mark = folder / FINGERPRINT
+        if folder.is_symlink() or not folder.is_dir() or (not mark.is_file() and any(folder.iterdir())):
+            raise SourceError(f"{folder} exists but was not written by quantkit (no {FINGERPRINT} in it); "
+                              "quantkit will not replace it: delete it or pass another --offload-dir")
+        if mark.is_file():
+            try:
+                have = json.loads(mark.read_text(encoding="utf-8"))
+            except (OSError, ValueError, UnicodeDecodeError):
+                have = None
+            if have == want and (folder / "config.json").is_file():
+                return folder
+            log.warning("%s holds the float weights of %s, not of %s; expanding again",
+                        folder, (have or {}).get("path") or (have or {}).get("hub") or "another source", source)
+            replace = True
+    _expand_to_folder(str(source), folder, dtype, want, allow_pickle, replace, [src.path])
     return folder
 
 
@@ -133,6 +206,8 @@ class BlockLoader:
             with safe_open(str(self.folder / fname), framework="pt") as h:
                 for k in keys:
                     t = h.get_tensor(k)
+                    check_finite([(k, t)], str(self.folder / fname))
+                    release_file_pages(t)  # the pages the check read, if `t` views the file
                     if not (k in mapped and t.dtype == self.dtype):
                         t = t.to(self.dtype) if t.is_floating_point() else t
                         # a private copy: a tensor viewing the memory-mapped file would keep the
@@ -164,14 +239,27 @@ class BlockLoader:
         trim_heap()  # the previous block's float weights and statistics are gone by now
         self.release_mapped()  # the embedding rows the calibration inputs were looked up in
         state = self.tensors(prefix)
-        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        _assign(module, state, self.folder, prefix)
         left = [n for n, p in module.named_parameters() if p.is_meta]
         if left:
             raise SourceError(f"{self.folder}: no weights for {prefix}{left[0]} ({len(left)} missing)")
 
 
-def open_streaming(source, offload_dir=None, dtype: torch.dtype = torch.float32):
-    """(model with weightless blocks, tokenizer, loader) for block-by-block quantization."""
+def _assign(module: nn.Module, state: dict, folder: Path, prefix: str = "") -> None:
+    """load_state_dict(assign=True), refusing tensors the module has no place for or of the wrong shape."""
+    try:
+        _, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches
+        raise SourceError(f"{folder}: tensors under {prefix or 'the model'} do not fit the model config.json "
+                          f"describes ({one_line(e)}); copy or convert the complete model again") from None
+    if unexpected:
+        raise SourceError(f"{folder}: {len(unexpected)} tensor(s) the model has no place for "
+                          f"({', '.join(prefix + k for k in sorted(unexpected)[:3])}); copy or convert the model again")
+
+
+def open_streaming(source, offload_dir=None, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+    """(model with weightless blocks, tokenizer, loader) for block-by-block quantization.
+    Sources stored only as pickle files are expanded only with `allow_pickle`."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -179,7 +267,7 @@ def open_streaming(source, offload_dir=None, dtype: torch.dtype = torch.float32)
     from ..pipeline import head_modules
 
     keep_heap_small()
-    folder = float_folder(source, offload_dir, str(dtype).replace("torch.", ""))
+    folder = float_folder(source, offload_dir, str(dtype).replace("torch.", ""), allow_pickle)
     config = AutoConfig.from_pretrained(str(folder))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -189,7 +277,7 @@ def open_streaming(source, offload_dir=None, dtype: torch.dtype = torch.float32)
     # the walk needs only the calibration tokens' rows, and they are quantized at its end
     mapped = frozenset(f"{n}.weight" for n in head_modules(model)[:2] if n)
     rest = loader.tensors("", exclude=(fam.blocks + ".",), mapped=mapped)
-    model.load_state_dict(rest, strict=False, assign=True)
+    _assign(model, rest, folder)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     del rest
