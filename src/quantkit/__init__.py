@@ -20,14 +20,23 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
-def load(source, dtype=None):
+def load(source, dtype=None, allow_pickle=False):
     """Load a model and its tokenizer from an alias (`smollm2`), a Hugging Face folder or hub
-    id, a `.gguf` file, a `.safetensors` file next to its config, or a quantkit checkpoint."""
+    id, a `.gguf` file, a `.safetensors` file next to its config, or a quantkit checkpoint.
+
+    Every weight the model needs must be in the source (a missing, unexpected or misshapen
+    tensor, NaN/Inf weights, or a model too large for this machine's memory is refused with
+    SourceError). Pickle weights (pytorch_model.bin alone) are refused unless `allow_pickle`."""
     import torch
 
     from .io.load import load as _load
+    from .io.load import resolve
 
-    return _load(source, dtype=dtype or torch.float32)
+    model, tok = _load(source, dtype=dtype or torch.float32, allow_pickle=allow_pickle)
+    src = resolve(source)
+    if src.path is not None:  # qk.save / qk.export_gguf never write over it
+        object.__setattr__(model, "quantkit_source", str(src.path))
+    return model, tok
 
 
 def quantize(model, scheme="int8", method="rtn", head=None, rules=(), strict_groups=False,
@@ -47,8 +56,9 @@ def quantize(model, scheme="int8", method="rtn", head=None, rules=(), strict_gro
     Static activation schemes (`w8a8-static-mse`, ...) calibrate the same way. `smooth=alpha`
     applies SmoothQuant (alpha 0.5 is the paper's default) before quantizing.
     """
-    from .pipeline import needs_calibration, quantize_model, validate_config
+    from .pipeline import check_float, needs_calibration, quantize_model, validate_config
 
+    check_float(model)  # before calibration text is generated from it
     if isinstance(scheme, QuantConfig):
         cfg = scheme
     else:
@@ -74,15 +84,24 @@ def quantize(model, scheme="int8", method="rtn", head=None, rules=(), strict_gro
     return quantize_model(model, cfg, inplace=inplace, progress=progress, calib=ids, batch_size=batch_size)
 
 
-def save(model, out_dir, tokenizer=None):
-    """Save a quantized model in quantkit's safetensors layout (atomic); reload with `load`."""
+def save(model, out_dir, tokenizer=None, overwrite=False):
+    """Save a quantized model in quantkit's safetensors layout (atomic); reload with `load`.
+
+    A previous quantkit checkpoint at `out_dir` is replaced; any other file or folder there is
+    refused (OutputError) unless `overwrite=True`. The model's source is never replaced."""
     from .io.checkpoint import save as _save
 
-    return _save(model, out_dir, tokenizer)
+    return _save(model, out_dir, tokenizer, overwrite=overwrite, protect=_sources(model))
+
+
+def _sources(model) -> list:
+    """Where `model` was loaded from (io.load records it), for keeping outputs off it."""
+    src = getattr(model, "quantkit_source", None)
+    return [src] if src else []
 
 
 def export_gguf(model, tokenizer, path, ftype="Q8_0", method="rtn", calib=None, tokenizer_pre=None,
-                progress=True, **calib_options):
+                progress=True, overwrite=False, **calib_options):
     """Write `model` as a GGUF file of type `ftype` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
     Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) that llama.cpp runs.
 
@@ -100,7 +119,8 @@ def export_gguf(model, tokenizer, path, ftype="Q8_0", method="rtn", calib=None, 
                                   **calib_options)
     elif calib is not None or calib_options:
         raise SchemeError("calibration options apply to method='gptq' only")
-    return _export(model, tokenizer, path, ftype, tokenizer_pre=tokenizer_pre, progress=progress)
+    return _export(model, tokenizer, path, ftype, tokenizer_pre=tokenizer_pre, progress=progress, overwrite=overwrite,
+                   protect=_sources(model))
 
 
 def quantize_for_gguf(model, tokenizer, ftype, method="gptq", calib=None, progress=True, **calib_options):

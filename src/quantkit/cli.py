@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +21,73 @@ MODEL_HELP = "model: alias (smollm2), Hugging Face folder or hub id, .gguf file,
 
 def _mb(b):
     return f"{b / 1e6:,.2f} MB"
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _number(kind, low=None, strict=False, high=None):
+    """An argparse type: `kind` (int/float) >= low (> low with strict), <= high; finite."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if kind is float and v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (v <= low if strict else v < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text!r}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text!r}")
+        return v
+    return parse
+
+
+POS_INT, NONNEG_INT, POS_FLOAT, NONNEG_FLOAT = _number(int, 1), _number(int, 0), _number(float, 0, True), _number(float, 0)
+
+
+def _percent(text):
+    """--max-ppl-increase: "1%" or 0.01 -> 0.01."""
+    t = str(text).strip()
+    v = _number(float, 0, True)(t[:-1] if t.endswith("%") else t)
+    return v / 100 if t.endswith("%") else v
+
+
+def _source_path(model):
+    """The local path of a model source (file or folder), for keeping outputs away from it."""
+    from .io.load import resolve
+
+    src = resolve(model)
+    return None if src.path is None else src.path
+
+
+def _out(a, kind, path="--out"):
+    """Refuse an output path (default: a.out) before any model is loaded (io.atomic.check_output)."""
+    from .io.atomic import check_output
+
+    path = getattr(a, "out", None) if path == "--out" else path
+    if path is None:
+        return None
+    protect = [_source_path(a.model)] if getattr(a, "model", None) else []
+    final = check_output(path, kind, overwrite=getattr(a, "overwrite", False), protect=protect)
+    if kind == "report" and final.is_dir():  # reports are written into the folder: --overwrite lets them in
+        from .io.atomic import MARKER
+
+        (final / MARKER).write_text(json.dumps({"kind": "report"}) + "\n", encoding="utf-8")
+    return final
+
+
+def _finite(obj):
+    """NaN/inf as null, recursively, so --json output is strict JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json(obj, indent=2) -> str:
+    return json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False)
 
 
 def _text(path, split="eval"):
@@ -48,13 +116,13 @@ def cmd_inspect(a):
     from .evaluate.size import disk_bytes
     from .io.load import resolve
 
-    model, _ = load(a.model)
+    model, _ = load(a.model, allow_pickle=a.allow_pickle)
     info = inspect_model(model)
     src = resolve(a.model)
     info["disk_bytes"] = disk_bytes(src.path) if src.path is not None and Path(src.path).exists() else None
     info["source"] = str(src.path or a.model)
     if a.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(_json(info))
         return
     from rich.console import Console
     from rich.table import Table
@@ -69,7 +137,8 @@ def cmd_inspect(a):
     for part, d in info["breakdown"].items():
         t.add_row(part, f"{d['params']:,}", _mb(d["bytes"]), str(d.get("dtypes", "")) + (" (tied)" if d.get("tied") else ""))
     c.print(t)
-    t = Table(title="size of a quantkit checkpoint under each scheme (exact, model.safetensors)")
+    t = Table(title="size of model.safetensors as stored (exact)" if info.get("quantized") else
+              "size of a quantkit checkpoint under each scheme (exact, model.safetensors)")
     for col in ("scheme", "bytes", "MB", "bits/param", "embeddings+head"):
         t.add_column(col, justify="left" if col in ("scheme", "embeddings+head") else "right")
     for s, d in info["sizes"].items():
@@ -108,24 +177,28 @@ def cmd_quantize(a):
     else:
         raise QuantkitError("give --scheme SCHEME or --plan plan.json")
     validate_config(cfg)
+    if not a.dry_run:
+        _out(a, "checkpoint")  # before the model is loaded: never after minutes of work
+    if a.offload_dir and not needs_calibration(cfg):
+        raise QuantkitError("--offload-dir streams block by block for calibrated methods (--method gptq, "
+                            "w8a8-static-*, --smooth); rtn needs no streaming")
+    calib_text = _text(a.calib, "calib") if a.calib and needs_calibration(cfg) else None
     if a.dry_run:
         from .estimate import estimate_quantize
 
-        model, tok = load(a.model)
+        model, tok = load(a.model, allow_pickle=a.allow_pickle)
         ids = None
         if needs_calibration(cfg):
             from .data import calib_samples, calibration
 
-            calib_text = _text(a.calib, "calib") if a.calib else None
             ids = (calib_samples(tok, calib_text, a.calib_samples, a.calib_len, a.seed) if calib_text is not None
                    else calibration(tok, None, model, a.calib_samples, a.calib_len, a.seed))
         est = estimate_quantize(model, cfg, ids, batch_size=a.batch_size)
-        print(json.dumps(est.to_dict()) if a.json else
+        print(_json(est.to_dict(), None) if a.json else
               f"model.safetensors would be {est.size_bytes:,} bytes ({_mb(est.size_bytes)}); estimated on this machine: "
               f"quantization {est.seconds:.1f} s, peak memory {_mb(est.peak_rss_bytes)} (probe took {est.probe_seconds:.1f} s)")
         return
     out = Path(a.out)
-    calib_text = _text(a.calib, "calib") if a.calib and needs_calibration(cfg) else None
     # the baseline is the process with the libraries every model load imports, before any model:
     # transformers.modeling_utils alone pulls in ~90 MB of modules (sympy among them) lazily
     import transformers.modeling_utils  # noqa: F401
@@ -136,14 +209,11 @@ def cmd_quantize(a):
         from .errors import DataError
         from .io.offload import open_streaming
 
-        if not needs_calibration(cfg):
-            raise QuantkitError("--offload-dir streams block by block for calibrated methods (--method gptq, "
-                                "w8a8-static-*, --smooth); rtn needs no streaming")
         if calib_text is None:
             raise DataError("--offload-dir needs --calib PATH: a model streamed from disk cannot write its own calibration text")
-        model, tok, loader = open_streaming(a.model, a.offload_dir)
+        model, tok, loader = open_streaming(a.model, a.offload_dir, allow_pickle=a.allow_pickle)
     else:
-        model, tok = load(a.model)
+        model, tok = load(a.model, allow_pickle=a.allow_pickle)
     ids = None
     if needs_calibration(cfg):
         from .data import calib_samples, calibration
@@ -153,14 +223,14 @@ def cmd_quantize(a):
     t0 = time.perf_counter()
     qm = quantize_model(model, cfg, inplace=True, calib=ids, batch_size=a.batch_size, loader=loader)
     seconds = time.perf_counter() - t0
-    save(qm, out, tok)
+    save(qm, out, tok, overwrite=a.overwrite)  # qk.load recorded the source: never written over
     from .evaluate.size import disk_bytes
 
     summary = {"out": str(out), "scheme": cfg.scheme.name, "method": cfg.method, "head": qm.quantkit.head.get("scheme"),
                "size_bytes": disk_bytes(out), "layers": len(qm.quantkit.layers), "fallbacks": qm.quantkit.fallbacks,
                "quantize_seconds": round(seconds, 2), "peak_rss_bytes": _rss_bytes(peak=True),
                "baseline_rss_bytes": baseline_rss}
-    print(json.dumps(summary, indent=2) if a.json else
+    print(_json(summary) if a.json else
           f"wrote {out} ({_mb(summary['size_bytes'])}, {summary['layers']} layers {cfg.scheme.name} via {cfg.method} "
           f"in {seconds:.1f} s, embeddings/head {summary['head']})")
 
@@ -175,29 +245,33 @@ def cmd_export(a):
         raise QuantkitError("give one of --gguf TYPE (a llama.cpp file) or --to gptq|compressed-tensors (a folder)")
     if a.gguf is not None and a.out is None:
         raise QuantkitError("--gguf needs --out FILE.gguf")
-    model, tok = load(a.model)
+    if a.gguf is not None and Path(a.out).suffix.lower() != ".gguf":
+        raise QuantkitError(f"--out must name a .gguf file, got {a.out}")
+    _out(a, "gguf" if a.gguf is not None else "export")
+    calib = _text(a.calib, "calib") if a.calib and (a.method != "rtn" or a.to is not None) else None
+    model, tok = load(a.model, allow_pickle=a.allow_pickle)
     if a.to is not None:
-        return _export_hf(a, model, tok)
+        return _export_hf(a, model, tok, calib)
     seconds = None
     if a.method != "rtn":
-        calib = _text(a.calib, "calib") if a.calib else None
         t0 = time.perf_counter()
         model = quantize_for_gguf(model, tok, a.gguf, method=a.method, calib=calib, progress=not a.json,
                                   calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed,
                                   batch_size=a.batch_size, sequential=a.sequential, act_order=a.act_order,
                                   static_groups=a.static_groups, damp=a.damp, gptq_block_size=a.gptq_block_size)
         seconds = time.perf_counter() - t0
-    summary = export_gguf(model, tok, a.out, a.gguf, tokenizer_pre=a.tokenizer_pre, progress=not a.json)
+    summary = export_gguf(model, tok, a.out, a.gguf, tokenizer_pre=a.tokenizer_pre, progress=not a.json,
+                          overwrite=a.overwrite, protect=[_source_path(a.model)])
     if a.json:
-        print(json.dumps({"out": str(summary.path), "gguf_type": summary.ftype, "method": a.method,
-                          "size_bytes": summary.bytes, "tensor_types": summary.types,
-                          "repacked": len(summary.repacked), "requantized": len(summary.requantized),
-                          "quantize_seconds": None if seconds is None else round(seconds, 2)}, indent=2))
+        print(_json({"out": str(summary.path), "gguf_type": summary.ftype, "method": a.method,
+                     "size_bytes": summary.bytes, "tensor_types": summary.types,
+                     "repacked": len(summary.repacked), "requantized": len(summary.requantized),
+                     "quantize_seconds": None if seconds is None else round(seconds, 2)}))
     else:
         print("\n".join(summary.lines()))
 
 
-def _export_hf(a, model, tok):
+def _export_hf(a, model, tok, calib):
     """export --to gptq|compressed-tensors: quantize (unless the source already is a quantkit
     checkpoint), measure what the model card reports, write the folder."""
     import time
@@ -215,7 +289,6 @@ def _export_hf(a, model, tok):
     else:
         scheme = check_scheme(a.to, a.scheme or export_scheme(model))
         t0 = time.perf_counter()
-        calib = _text(a.calib, "calib") if a.calib else None
         qm = quantize(model, scheme, method=a.method, calib=calib, tokenizer=tok, progress=not a.json,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, batch_size=a.batch_size,
                       sequential=a.sequential, act_order=a.act_order, static_groups=a.static_groups, damp=a.damp,
@@ -237,11 +310,11 @@ def _export_hf(a, model, tok):
                       calib=(f"{a.calib} ({a.calib_samples} x {a.calib_len} tokens, seed {a.seed})" if a.calib else None),
                       measured=measured, eval_text=a.eval_text, seconds=seconds, ctx=a.ctx,
                       command=" ".join(["quantkit"] + [shlex.quote(str(x)) for x in a.argv]))
-    summary = export_hf(qm, tok, out, a.to, card=card)
+    summary = export_hf(qm, tok, out, a.to, card=card, overwrite=a.overwrite, protect=[_source_path(a.model)])
     res = {"out": str(summary.path), "format": summary.format, "scheme": summary.scheme, "group_size": summary.group_size,
            "layers": summary.layers, "size_bytes": summary.bytes, "quantize_seconds": seconds, "measured": measured}
     if a.json:
-        print(json.dumps(res, indent=2, default=str))
+        print(_json(res))
     else:
         print(f"wrote {summary.path} ({a.to}, {summary.scheme}, {summary.layers} layers, {_mb(summary.bytes)})"
               + (f"; perplexity {measured['perplexity']:.3f}" if measured else ""))
@@ -254,14 +327,19 @@ def cmd_eval(a):
     from .io.load import resolve
 
     text = _text(a.text)
-    model, tok = load(a.model)
-    reference = load(a.reference)[0] if a.reference else None
+    model, tok = load(a.model, allow_pickle=a.allow_pickle)
+    if tok is None:
+        from .errors import SourceError
+
+        raise SourceError(f"{a.model} has no tokenizer (no tokenizer files beside its weights); eval needs one to "
+                          "read the text: copy the tokenizer files (tokenizer.json, tokenizer_config.json) into it")
+    reference = load(a.reference, allow_pickle=a.allow_pickle)[0] if a.reference else None
     src = resolve(a.model)
     size = disk_bytes(src.path) if src.path is not None and Path(src.path).exists() else None
     res = evaluate_model(model, tok, text=text, reference=reference, ctx=a.ctx, max_tokens=a.max_tokens,
                          speed=a.speed, size_bytes=size)
     if a.json:
-        print(json.dumps(res, indent=2, default=str))
+        print(_json(res))
         return
     for k, v in res.items():
         print(f"{k:22s} {v:,.4f}" if isinstance(v, float) else f"{k:22s} {v}")
@@ -271,6 +349,7 @@ def cmd_compare(a, schemes=None, model=None):
     from .evaluate.compare import compare
     from .report import print_table, to_json
 
+    _out(a, "report", a.report)
     text = _text(a.text)
     result = compare(model or a.model, schemes or a.schemes, text=text, ctx=a.ctx, max_tokens=a.max_tokens,
                      head=a.head, speed=not a.no_speed, report_dir=a.report, command=" ".join(["quantkit"] + sys.argv[1:]),
@@ -303,7 +382,7 @@ def _train_config(a):
 
 def _print_training(res, a, lines):
     if a.json:
-        print(json.dumps(res, indent=2, default=str))
+        print(_json(res))
         return
     losses = res["losses"]
     print(f"trained {res['steps']} steps in {res['seconds']:.1f} s: loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
@@ -315,11 +394,16 @@ def _print_training(res, a, lines):
 
 def cmd_qat(a):
     from . import load
+    from .scheme import parse_scheme
     from .train.run import run_qat
 
-    model, tok = load(a.model)
-    res = run_qat(model, tok, a.scheme, a.text, a.out, _train_config(a), lsq=a.lsq, head=a.head, resume=a.resume,
-                  eval_tokens=a.eval_tokens, ctx=a.ctx)
+    cfg = _train_config(a)  # every argument checked before the model is loaded
+    parse_scheme(a.scheme)
+    _text(a.text, "calib")
+    _out(a, "training")
+    model, tok = load(a.model, allow_pickle=a.allow_pickle)
+    res = run_qat(model, tok, a.scheme, a.text, a.out, cfg, lsq=a.lsq, head=a.head, resume=a.resume,
+                  eval_tokens=a.eval_tokens, ctx=a.ctx, overwrite=a.overwrite, protect=[_source_path(a.model)])
     d = res["convert_max_logit_diff"]
     _print_training(res, a, [
         f"converted model: {res['out']} (logits vs the fake-quantized model: max |diff| {d['reference_kernel']:.2e} "
@@ -330,14 +414,21 @@ def cmd_qat(a):
 
 def cmd_finetune(a):
     from . import load
+    from .scheme import parse_scheme
     from .train.run import run_finetune
 
-    model, tok = load(a.model)
-    res = run_finetune(model, tok, a.text, a.out, _train_config(a), scheme=a.scheme, r=a.r, alpha=a.alpha,
+    cfg = _train_config(a)
+    parse_scheme(a.scheme)
+    if a.merge_scheme:
+        parse_scheme(a.merge_scheme)
+    _text(a.text, "calib")
+    _out(a, "training")
+    model, tok = load(a.model, allow_pickle=a.allow_pickle)
+    res = run_finetune(model, tok, a.text, a.out, cfg, scheme=a.scheme, r=a.r, alpha=a.alpha,
                        dropout=a.dropout, targets=[t for t in a.targets.split(",") if t], compute_dtype=a.compute_dtype,
                        merge_adapters=a.merge, merge_scheme=a.merge_scheme, resume=a.resume,
-                       eval_tokens=a.eval_tokens, ctx=a.ctx,
-                       base_name=a.model)
+                       eval_tokens=a.eval_tokens, ctx=a.ctx, base_name=a.model,
+                       overwrite=a.overwrite, protect=[_source_path(a.model)])
     lines = [f"adapter (PEFT layout): {res['adapter']}"]
     if res["held_out_perplexity_before"] is not None:
         lines.append(f"held-out perplexity of the {res['base_scheme']} model ({res['eval_tokens']} tokens): "
@@ -357,14 +448,21 @@ def _plan_calibration(a, model, tok):
     return calibration(tok, None, model, a.calib_samples, a.calib_len, a.seed)
 
 
+def _read_sensitivity(path):
+    from .plan import Sensitivity
+
+    try:
+        return Sensitivity.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise QuantkitError(f"cannot read the sensitivity file {path}: {msg}") from None
+
+
 def _sensitivity(a, model, tok, ids):
     from .plan import Sensitivity, measure_sensitivity
 
     if getattr(a, "sensitivity", None):
-        try:
-            return Sensitivity.from_dict(json.loads(Path(a.sensitivity).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise QuantkitError(f"cannot read the sensitivity file {a.sensitivity}: {e}") from None
+        return _read_sensitivity(a.sensitivity)
     if getattr(a, "proxy", False) and a.command == "plan":
         from .plan import proxy_sensitivity
 
@@ -376,7 +474,9 @@ def cmd_sensitivity(a):
     from . import load
     from .io.atomic import atomic_file
 
-    model, tok = load(a.model)
+    _out(a, "sensitivity")
+    _out(a, "report", a.report)
+    model, tok = load(a.model, allow_pickle=a.allow_pickle)
     ids = _plan_calibration(a, model, tok)
     sens = _sensitivity(a, model, tok, ids)
     result = sens.to_dict()
@@ -387,14 +487,15 @@ def cmd_sensitivity(a):
         result["proxy"] = proxy.to_dict()["layers"]
         result["rank_correlation"] = rank_correlation(sens, proxy)
     if a.out:
-        with atomic_file(a.out, "w") as f:
-            f.write(json.dumps(result, indent=1))
+        with atomic_file(a.out, "w", kind="sensitivity", overwrite=a.overwrite,
+                         protect=[_source_path(a.model)]) as f:
+            f.write(_json(result, 1))
     if a.report:
         from .report import sensitivity_heatmap
 
         sensitivity_heatmap(sens, a.report)
     if a.json:
-        print(json.dumps(result, indent=2))
+        print(_json(result))
         return
     from rich.console import Console
     from rich.table import Table
@@ -422,7 +523,15 @@ def cmd_plan(a):
 
     if (a.budget is None) == (a.max_kld is None and a.max_ppl_increase is None) or (a.max_kld and a.max_ppl_increase):
         raise QuantkitError("give one of --budget SIZE, --max-kld X or --max-ppl-increase P%")
-    model, tok = load(a.model)
+    if a.budget is not None:
+        parse_budget(a.budget, 1)  # its spelling, before the model is loaded
+    elif a.dry_run:
+        raise QuantkitError("--dry-run plans for a --budget; an accuracy target is found by measuring (no dry run)")
+    if a.sensitivity:
+        _read_sensitivity(a.sensitivity)
+    if not a.dry_run:
+        _out(a, "plan")
+    model, tok = load(a.model, allow_pickle=a.allow_pickle)
     ids = _plan_calibration(a, model, tok)
     sens = _sensitivity(a, model, tok, ids)
     head = a.head  # None: the embedding/head storage is planned too (when measured)
@@ -436,25 +545,21 @@ def cmd_plan(a):
             est = estimate_quantize(model, plan.config(), ids if a.method != "rtn" else None, batch_size=a.batch_size)
             res = {"size_bytes": plan.size_bytes, "smallest_bytes": smallest_size(model, sens, head), "budget_bytes": budget,
                    "counts": plan.counts(), "head": plan.head, "estimate": est.to_dict()}
-            print(json.dumps(res, indent=2) if a.json else
+            print(_json(res) if a.json else
                   f"the plan would be {plan.size_bytes:,} bytes (budget {budget:,}; smallest reachable "
                   f"{res['smallest_bytes']:,}), layers {plan.counts()}, head {plan.head}; quantizing it: ~{est.seconds:.1f} s, "
                   f"peak memory ~{_mb(est.peak_rss_bytes)} (probe {est.probe_seconds:.1f} s)")
             return
     else:
-        if a.dry_run:
-            raise QuantkitError("--dry-run plans for a --budget; an accuracy target is found by measuring (no dry run)")
-        ppl = None
-        if a.max_ppl_increase is not None:
-            ppl = float(a.max_ppl_increase.rstrip("%")) / (100 if a.max_ppl_increase.endswith("%") else 1)
-        plan = plan_for_target(model, sens, ids, max_kld=a.max_kld, max_ppl_increase=ppl, head=head, method=a.method,
+        plan = plan_for_target(model, sens, ids, max_kld=a.max_kld, max_ppl_increase=a.max_ppl_increase, head=head,
+                               method=a.method,
                                calib=ids if a.method != "rtn" else None)
-    with atomic_file(a.out, "w") as f:
+    with atomic_file(a.out, "w", kind="plan", overwrite=a.overwrite, protect=[_source_path(a.model)]) as f:
         f.write(plan.to_json())
     res = {"out": a.out, "size_bytes": plan.size_bytes, "bits_per_param": 8 * plan.size_bytes / n_params,
            "predicted_kld": plan.predicted_kld, "measured": plan.measured, "counts": plan.counts()}
     if a.json:
-        print(json.dumps(res, indent=2))
+        print(_json(res))
         return
     print(f"wrote {a.out}: {plan.size_bytes:,} bytes ({res['bits_per_param']:.2f} bits/param), "
           f"predicted KL {plan.predicted_kld:.4f}, layers {plan.counts()}"
@@ -474,47 +579,68 @@ def _calibration_args(p, gptq=True):
     g = p.add_argument_group("calibration (gptq, w8a8-static-*, --smooth)" if gptq else "calibration (w8a8-static-*, --smooth)")
     g.add_argument("--calib", help="calibration text file (its last-quarter articles are used) or hf:NAME; "
                                   "without it the model calibrates on text it generates itself")
-    g.add_argument("--calib-samples", type=int, default=128, help="number of samples (default 128)")
-    g.add_argument("--calib-len", type=int, default=512, help="tokens per sample (default 512)")
-    g.add_argument("--seed", type=int, default=0, help="seed for drawing the samples")
+    g.add_argument("--calib-samples", type=POS_INT, default=128, help="number of samples (default 128)")
+    g.add_argument("--calib-len", type=POS_INT, default=512, help="tokens per sample (default 512)")
+    g.add_argument("--seed", type=NONNEG_INT, default=0, help="seed for drawing the samples")
     if not gptq:
         return g
-    g.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    g.add_argument("--batch-size", type=POS_INT, default=8, help="samples per forward pass")
     g.add_argument("--sequential", action="store_true", help="quantize a block's Linears in sequential groups (q/k/v, o, gate/up, down)")
     g.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="GPTQ: columns in their natural order (default: descending Hessian diagonal, act-order)")
     g.add_argument("--static-groups", action="store_true", help="GPTQ with --act-order: choose group scales up front")
-    g.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
-    g.add_argument("--gptq-block-size", type=int, default=128, help="GPTQ lazy-batch width (default 128)")
+    g.add_argument("--damp", type=_number(float, 0, high=0.999999), default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
+    g.add_argument("--gptq-block-size", type=POS_INT, default=128, help="GPTQ lazy-batch width (default 128)")
     return g
+
+
+def _pickle_arg(p):
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model.bin weights (pickle files, with torch's weights-only unpickler) when a "
+                        "folder has no safetensors; refused by default")
+
+
+def _overwrite_arg(p):
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what is at the output path even if quantkit did not write it (never the source model); "
+                        "without it only a previous quantkit output of the same kind is replaced")
 
 
 def _training_args(p, lr, steps):
     p.add_argument("--text", required=True, help="text file (or hf:NAME): trains on its calibration part (the WikiText "
                                                   "file's last-quarter articles), reports perplexity on its evaluation part")
     p.add_argument("--out", required=True, help="output folder (the checkpoint for --resume lives in OUT/checkpoint)")
+    _overwrite_arg(p)
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    g.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
-    g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    g.add_argument("--steps", type=POS_INT, default=steps, help=f"optimizer steps (default {steps})")
+    g.add_argument("--batch-size", type=POS_INT, default=4, help="sequences per step (default 4)")
+    g.add_argument("--seq-len", type=_number(int, 2), default=256, help="tokens per sequence (default 256)")
+    g.add_argument("--lr", type=POS_FLOAT, default=lr, help=f"peak learning rate (default {lr})")
+    g.add_argument("--weight-decay", type=NONNEG_FLOAT, default=0.0)
+    g.add_argument("--warmup", type=NONNEG_INT, default=0, help="linear warm-up steps")
     g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="adamw8bit keeps both moments in 8 bits (block-wise, blocks of 2048)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log-every", type=int, default=10, help="log the mean loss every N steps (with -v)")
-    g.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (always at the end)")
+    g.add_argument("--seed", type=NONNEG_INT, default=0)
+    g.add_argument("--log-every", type=POS_INT, default=10, help="log the mean loss every N steps (with -v)")
+    g.add_argument("--save-every", type=NONNEG_INT, default=0, help="write a resumable checkpoint every N steps (always at the end)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same batches, same loss curve)")
-    g.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity (0 = skip)")
-    g.add_argument("--ctx", type=int, default=512, help="evaluation window length")
+    g.add_argument("--eval-tokens", type=NONNEG_INT, default=4096, help="held-out tokens for perplexity (0 = skip)")
+    g.add_argument("--ctx", type=_number(int, 2), default=512, help="evaluation window length")
     p.add_argument("--json", action="store_true")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `error:` line and exit 2 (as every other bad input)."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantkit", description="Quantize models and measure size, quality and speed.",
+    p = _Parser(prog="quantkit", description="Quantize models and measure size, quality and speed.",
                                 epilog=f"scheme grammar: {GRAMMAR}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
@@ -526,11 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="parameters, dtypes, memory, disk, breakdown, size under each scheme")
     i.add_argument("model", help=MODEL_HELP)
+    _pickle_arg(i)
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
     q = sub.add_parser("quantize", help="quantize a model and save it in quantkit's safetensors layout")
     q.add_argument("model", help=MODEL_HELP)
+    _pickle_arg(q)
     q.add_argument("--scheme", help=f"one of: {GRAMMAR} (or --plan)")
     q.add_argument("--plan", help="per-layer schemes from quantkit plan (plan.json); --method overrides the plan's")
     q.add_argument("--dry-run", action="store_true", help="print the exact size of the output and estimates of the "
@@ -541,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strict-groups", action="store_true",
                    help="refuse layers whose input width the group size does not divide (default: use the largest smaller group that does)")
     q.add_argument("--out", required=True, help="output folder (written atomically)")
+    _overwrite_arg(q)
     g = _calibration_args(q)
     _smooth_arg(g)
     g.add_argument("--offload-dir", help="stream: keep the float weights on disk and load one block at a time "
@@ -559,17 +688,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write the GPTQ layout (qweight/qzeros/scales/g_idx) or compressed-tensors' "
                                    "pack-quantized layout, with a model card (README.md).")
     x.add_argument("model", help=MODEL_HELP)
+    _pickle_arg(x)
     x.add_argument("--gguf", type=str.upper, choices=list(FTYPES), metavar="TYPE",
                    help=f"GGUF file type: {', '.join(FTYPES)}")
     x.add_argument("--to", choices=["gptq", "compressed-tensors"], help="write this checkpoint layout instead of GGUF")
     x.add_argument("--scheme", help="--to: integer weight scheme (default: int4 symmetric with the largest group of "
                                     "128/64/32 that divides every layer's width)")
     x.add_argument("--eval-text", help="--to: measure perplexity/KLD on this text (its evaluation part) for the model card")
-    x.add_argument("--eval-tokens", type=int, default=8192, help="--to: tokens evaluated for the card (default 8192)")
-    x.add_argument("--ctx", type=int, default=512, help="--to: evaluation window length (default 512)")
+    x.add_argument("--eval-tokens", type=POS_INT, default=8192, help="--to: tokens evaluated for the card (default 8192)")
+    x.add_argument("--ctx", type=_number(int, 2), default=512, help="--to: evaluation window length (default 512)")
     x.add_argument("--speed", action="store_true", help="--to: also measure decode tokens/s for the card")
     x.add_argument("--out", help="output .gguf file, or folder for --to (default: NAME-GPTQ-4bit-128g style); "
                                  "written atomically")
+    _overwrite_arg(x)
     x.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name, when it cannot be told from the source")
     x.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
                    help="rtn: llama.cpp's rounding; gptq: solve each Linear onto its GGUF block grid (needs calibration)")
@@ -579,10 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity, KLD and top-1 vs a reference, sizes, decode speed")
     e.add_argument("model", help=MODEL_HELP)
+    _pickle_arg(e)
     e.add_argument("--text", help="text file (its evaluation part is used) or hf:NAME[:CONFIG][:SPLIT]")
     e.add_argument("--reference", help="reference model for KL divergence and top-1 agreement")
-    e.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens")
-    e.add_argument("--ctx", type=int, default=512, help="window length (non-overlapping windows)")
+    e.add_argument("--max-tokens", type=POS_INT, default=None, help="evaluate on the first N tokens")
+    e.add_argument("--ctx", type=_number(int, 2), default=512, help="window length (non-overlapping windows)")
     e.add_argument("--speed", action="store_true", help="also measure greedy decode tokens/s at batch 1")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
@@ -592,23 +724,26 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=helptext)
         if name == "compare":
             c.add_argument("model", help=MODEL_HELP)
+            _pickle_arg(c)
         from .evaluate.compare import DEFAULT_SCHEMES
 
         c.add_argument("--schemes", default=DEFAULT_SCHEMES, help=f"comma-separated schemes (default {DEFAULT_SCHEMES})")
         c.add_argument("--text", help="text file for perplexity; without it, KLD/top-1 on text the fp32 model generates")
-        c.add_argument("--max-tokens", type=int, default=8192)
-        c.add_argument("--ctx", type=int, default=512)
+        c.add_argument("--max-tokens", type=POS_INT, default=8192)
+        c.add_argument("--ctx", type=_number(int, 2), default=512)
         c.add_argument("--head", default=None, choices=HEAD_CHOICES, help="storage of embeddings and output head")
         c.add_argument("--no-speed", action="store_true", help="skip decode timing")
         _smooth_arg(_calibration_args(c, gptq=False))
         c.add_argument("--report", default=None if name == "compare" else "reports/demo",
                        help="folder for report.md, report.html (self-contained), results.json and PNG plots")
+        _overwrite_arg(c)
         c.add_argument("--json", action="store_true")
         c.set_defaults(fn=cmd_demo if name == "demo" else cmd_compare)
     t = sub.add_parser("qat", help="quantization-aware training: fake-quantize, train on text, convert, save",
                        description="Train MODEL with its Linears fake-quantized to SCHEME (straight-through gradients), "
                                    "then convert to real quantized layers; writes OUT/model (a quantkit checkpoint).")
     t.add_argument("model", help=MODEL_HELP)
+    _pickle_arg(t)
     t.add_argument("--scheme", default="int4-g128", help="weight scheme to train for (default int4-g128)")
     t.add_argument("--lsq", action="store_true", help="learn the quantization scales too (LSQ; integer schemes)")
     t.add_argument("--head", default=None, choices=HEAD_CHOICES, help="storage of embeddings and output head (default bf16)")
@@ -619,10 +754,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize MODEL to SCHEME (NF4 blocks of 64 with double quantization by default), train "
                                    "LoRA adapters on text, write OUT/adapter (peft loads it) and, with --merge, OUT/merged.")
     f.add_argument("model", help=MODEL_HELP)
+    _pickle_arg(f)
     f.add_argument("--scheme", default="nf4-b64-dq", help="frozen base's scheme (default nf4-b64-dq)")
-    f.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    f.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default 32)")
-    f.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    f.add_argument("--r", type=POS_INT, default=8, help="LoRA rank (default 8)")
+    f.add_argument("--alpha", type=POS_FLOAT, default=32, help="LoRA alpha (default 32)")
+    f.add_argument("--dropout", type=_number(float, 0, high=0.999999), default=0.05, help="LoRA dropout (default 0.05)")
     f.add_argument("--targets", default="q_proj,v_proj", help="comma-separated Linear names (default q_proj,v_proj)")
     f.add_argument("--compute-dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the forward pass")
     f.add_argument("--merge", action="store_true", help="also fold the adapters into the weights and re-quantize")
@@ -631,22 +767,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_finetune)
     def _plan_common(p):
         p.add_argument("model", help=MODEL_HELP)
+        _pickle_arg(p)
         from .plan import DEFAULT_SCHEMES as PS
 
         p.add_argument("--schemes", default=PS, help=f"candidate schemes per layer (default {PS})")
         g = p.add_argument_group("calibration text (sensitivity is measured on it)")
         g.add_argument("--calib", help="text file (its last-quarter articles) or hf:NAME; without it, model-generated text")
-        g.add_argument("--calib-samples", type=int, default=4, help="number of samples (default 4)")
-        g.add_argument("--calib-len", type=int, default=256, help="tokens per sample (default 256)")
-        g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--batch-size", type=int, default=4, help="samples per forward pass")
+        g.add_argument("--calib-samples", type=POS_INT, default=4, help="number of samples (default 4)")
+        g.add_argument("--calib-len", type=POS_INT, default=256, help="tokens per sample (default 256)")
+        g.add_argument("--seed", type=NONNEG_INT, default=0)
+        g.add_argument("--batch-size", type=POS_INT, default=4, help="samples per forward pass")
         p.add_argument("--json", action="store_true")
 
     sn = sub.add_parser("sensitivity", help="damage (KL vs the float model) of quantizing each layer alone, per scheme")
     _plan_common(sn)
     sn.add_argument("--out", help="write the measurements as JSON (reusable by plan --sensitivity)")
     sn.add_argument("--report", help="folder for sensitivity.png (heat map)")
-    sn.add_argument("--top", type=int, default=20, help="rows shown (0 = all)")
+    _overwrite_arg(sn)
+    sn.add_argument("--top", type=NONNEG_INT, default=20, help="rows shown (0 = all)")
     sn.add_argument("--proxy", action="store_true",
                     help="also compute the cheap Hessian-weighted proxy and its rank correlation with the measured damage")
     sn.set_defaults(fn=cmd_sensitivity)
@@ -657,8 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--max-kld / --max-ppl-increase. Apply it with quantkit quantize MODEL --plan FILE.")
     _plan_common(pl)
     pl.add_argument("--budget", help="size of model.safetensors: e.g. 70MB, 66MiB, or 4.5bpw (bits per parameter)")
-    pl.add_argument("--max-kld", type=float, help="mean KL (nats/token) the planned model may reach, measured")
-    pl.add_argument("--max-ppl-increase", help="perplexity increase allowed, measured, e.g. 1%% or 0.01")
+    pl.add_argument("--max-kld", type=POS_FLOAT, help="mean KL (nats/token) the planned model may reach, measured")
+    pl.add_argument("--max-ppl-increase", type=_percent, help="perplexity increase allowed, measured, e.g. 1%% or 0.01")
     pl.add_argument("--sensitivity", help="reuse measurements written by quantkit sensitivity --out")
     pl.add_argument("--proxy", action="store_true", help="plan on the cheap Hessian-weighted proxy instead of measured KL")
     pl.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="method the plan is applied with")
@@ -667,12 +805,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dry-run", action="store_true", help="with --budget: print the plan's exact size and the estimated time "
                                                             "and peak memory of quantizing with it; write nothing")
     pl.add_argument("--out", default="plan.json", help="plan file (default plan.json)")
+    _overwrite_arg(pl)
     pl.set_defaults(fn=cmd_plan)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument (already printed as one error: line)
+        return e.code if isinstance(e.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for "the command that made it" in reports
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import warnings
@@ -683,15 +825,52 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = {s: signal.signal(s, _interrupt) for s in _SIGNALS} if main_thread else {}
     try:
         args.fn(args)
     except QuantkitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except _Signalled as e:
+        print(f"interrupted by {signal.Signals(e.signum).name}; no partial output was left", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted; no partial output was left", file=sys.stderr)
         return 130
+    except OSError as e:  # the disk or the OS refused (full, read-only, permissions): say what, no traceback
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: cannot access{where}: {(e.strerror or str(e)).lower()}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory; try a smaller model, fewer --calib-samples or --batch-size, or streaming "
+              "(quantize --offload-dir)", file=sys.stderr)
+        return 2
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     return 0
+
+
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM/SIGHUP, raised where the process is so that the same cleanup as Ctrl-C runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _interrupt(signum, frame):
+    raise _Signalled(signum)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -146,13 +146,36 @@ def windows_from_ids(ids: torch.Tensor | Sequence[int], ctx: int = 512) -> torch
     return ids[: n * ctx].reshape(n, ctx)
 
 
+PREFIX_MARGIN = 256  # tokens tokenized past what is needed: the cut cannot change the ids before it
+
+
+def tokenize_prefix(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
+    """The first `n_tokens` ids of `tokenize(tokenizer, text)`, tokenizing only as much of the
+    text as that needs: a prefix cut at a line end, doubled until it yields `PREFIX_MARGIN`
+    tokens more than asked (the tokens before a cut that far back do not depend on it)."""
+    chars = max(1 << 14, 8 * (n_tokens + PREFIX_MARGIN))
+    while chars < len(text):
+        cut = text.find("\n", chars)
+        if cut == -1:
+            break
+        ids = tokenize(tokenizer, text[:cut + 1])
+        if ids.numel() >= n_tokens + PREFIX_MARGIN:
+            return ids[:n_tokens]
+        chars *= 2
+    return tokenize(tokenizer, text)[:n_tokens]
+
+
 def eval_windows(tokenizer, text: str, ctx: int = 512, max_tokens: int | None = None) -> torch.Tensor:
-    """Tokenize `text` once and cut it into non-overlapping windows: LongTensor [n, ctx]."""
-    ids = tokenize(tokenizer, text)
+    """Tokenize `text` (with `max_tokens`, only the part that holds them) and cut it into
+    non-overlapping windows: LongTensor [n, ctx]."""
     if max_tokens is not None:
         if max_tokens < 1:
             raise DataError(f"max_tokens must be positive, got {max_tokens}")
-        ids = ids[:max_tokens]
+        if not text or not text.strip():
+            raise DataError("the text is empty: pass a text with content")
+        ids = tokenize_prefix(tokenizer, text, max_tokens)
+    else:
+        ids = tokenize(tokenizer, text)
     return windows_from_ids(ids, ctx)
 
 

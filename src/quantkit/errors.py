@@ -15,3 +15,8 @@ class SourceError(QuantkitError):
 
 class DataError(QuantkitError):
     """A text source that is missing, empty or too short for what was asked."""
+
+
+class OutputError(QuantkitError):
+    """An output path quantkit must not write (someone else's file or folder, the source model)
+    or cannot write (full or read-only disk)."""

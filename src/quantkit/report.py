@@ -247,6 +247,18 @@ def to_json(obj, indent: int | None = 2, digits: int = 6) -> str:
 # Files
 
 
+def report_folder(dir: str | Path) -> Path:
+    """The report folder, created and marked as quantkit's (io.atomic.MARKER) so that a later
+    report may write into it; a folder of someone else's is refused (io.atomic.check_output)."""
+    from quantkit.io.atomic import MARKER, check_output
+
+    dir = check_output(dir, "report")
+    dir.mkdir(parents=True, exist_ok=True)
+    if not (dir / MARKER).exists():
+        (dir / MARKER).write_text(json.dumps({"kind": "report"}) + "\n", encoding="utf-8")
+    return dir
+
+
 def _atomic_write(path: Path, write: Callable[[object], None], mode: str = "wb") -> Path:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
     from quantkit.io.atomic import atomic_file
@@ -376,8 +388,7 @@ def sensitivity_heatmap(sens, folder: str | Path) -> Path:
     plan.Sensitivity (layers named <blocks>.<index>.<path>)."""
     import numpy as np
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = report_folder(folder)
     cells = {}
     for name in sens.layers:
         m = re.search(r"\.(\d+)\.(.+)$", name)
@@ -728,8 +739,7 @@ def write_report(
     plots by path relative to ``dir``; report.html embeds them (see :func:`write_html_report`).
     results.json holds the same data for machines. All files are written atomically.
     """
-    dir = Path(dir)
-    dir.mkdir(parents=True, exist_ok=True)
+    dir = report_folder(dir)
     c = _content(rows, generations, plots, meta, notes, sections)
     report = dir / "report.md"
     _atomic_write(report, lambda fh: fh.write(_markdown(c, dir)), mode="w")
@@ -763,7 +773,6 @@ def write_html_report(
     attached as is. Every text is HTML-escaped; ``notes`` and ``sections`` are Markdown.
     Check it with ``python scripts/check_report.py DIR/report.html --screenshot shot.png``.
     """
-    dir = Path(dir)
-    dir.mkdir(parents=True, exist_ok=True)
+    dir = report_folder(dir)
     c = _content(rows, generations, plots, meta, notes, sections)
     return _atomic_write(dir / "report.html", lambda fh: fh.write(_html(c)), mode="w")

@@ -16,87 +16,7 @@ from quantkit.cli import main
 
 hf_logging.set_verbosity_error()
 
-TEXT = """The harbour town sits at the mouth of a wide river, where fishing boats come in with the tide.
-In the morning the market opens early, and the smell of bread and salt fills the narrow streets.
-Most of the houses were built of grey stone more than two hundred years ago, after a great fire.
-
-The old lighthouse stands on a rock to the north of the harbour. It was built in the last years
-of the eighteenth century and rebuilt after a storm damaged the tower. The light can be seen from
-far out at sea, and it still guides the boats home on dark winter nights.
-
-Farmers from the valley bring their cattle to the town twice a year. The fair lasts for three
-days, with music in the square, games for the children and long tables of food. Visitors come
-from the cities to walk along the cliffs, to watch the birds and to swim in the cold clear water.
-
-The river flows north through the valley before it reaches the sea. Along its banks there are
-mills, small farms and a railway line that was opened in the year the school was founded. The
-school has grown since then, and today it teaches children from every village in the valley.
-
-In the evening the streets are quiet again. The boats rest in the harbour, the lamps are lit one
-by one, and the sound of the sea fills the town until the morning market opens once more.
-"""
-VOCAB = 320  # the tokenizer below has at most 300 entries
-
-
-def _make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"])
-    tk.train_from_iterator(TEXT.splitlines(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny random Llama (width 96) with its tokenizer, saved as a Hugging Face folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = _make_tokenizer()
-    assert len(tok) <= VOCAB
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "text.txt"
-    p.write_text(TEXT)
-    return p
-
-
-@pytest.fixture(scope="module")
-def quantized(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("q") / "int4"
-    assert main(["quantize", str(tiny), "--scheme", "int4-g32", "--out", str(out)]) == 0
-    return out
-
-
-def _listing(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
-def run_error(capsys, argv, *fragments):
-    """Run the CLI expecting a user error: exit 2 and exactly one stderr line starting with error:."""
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc == 2, (rc, err)
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
+from cli_support import TEXT, VOCAB, listing as _listing, run_error  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -306,9 +226,9 @@ def test_export_errors_leave_nothing(capsys, tmp_path, tiny):
               ".gguf")
     assert not list(tmp_path.iterdir())
     capsys.readouterr()
-    with pytest.raises(SystemExit):  # argparse: an unknown type lists the valid ones
-        main(["export", str(tiny), "--gguf", "Q7_0", "--out", str(tmp_path / "x.gguf")])
-    assert "Q4_K_M" in capsys.readouterr().err
+    assert main(["export", str(tiny), "--gguf", "Q7_0", "--out", str(tmp_path / "x.gguf")]) == 2  # argparse
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Q4_K_M" in err[0]  # lists the valid types
 
 
 def test_export_to_gptq_and_compressed_tensors_with_a_model_card(capsys, tmp_path, tiny, text_file, monkeypatch):
@@ -388,7 +308,7 @@ def test_training_errors_are_one_line(capsys, tmp_path, tiny, text_file):
     run_error(capsys, ["finetune", tiny, "--text", text_file, "--out", tmp_path / "c", *TRAIN, "--targets", "qq_proj"],
               "no Linear named qq_proj")
     run_error(capsys, ["finetune", tiny, "--text", text_file, "--out", tmp_path / "d", "--seq-len", "100000"], "too short")
-    run_error(capsys, ["finetune", tiny, "--text", text_file, "--out", tmp_path / "e", "--lr", "0"], "learning rate")
+    run_error(capsys, ["finetune", tiny, "--text", text_file, "--out", tmp_path / "e", "--lr", "0"], "--lr: must be > 0")
 
 
 # ----------------------------------------------------------------------------- mixed precision

@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.utils import logging as hf_logging
 
 import quantkit as qk
+from quantkit.io.atomic import MARKER
 from quantkit.errors import QuantkitError, SourceError
 from quantkit.io.checkpoint import FORMAT_VERSION, METADATA, WEIGHTS_FILE, expected_weights_bytes, safetensors_bytes
 from quantkit.nn import QuantEmbedding, QuantLinear
@@ -167,15 +168,16 @@ def test_save_writes_what_safetensors_writes(models, arch, scheme, tmp_path):
     out = qk.save(q, tmp_path / "ckpt")
     save_file(checkpoint_tensors(q), str(tmp_path / "ref.safetensors"), metadata=METADATA)
     assert (out / WEIGHTS_FILE).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", WEIGHTS_FILE]  # no spill file left
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json", WEIGHTS_FILE]  # no spill file left
 
 
 # ----------------------------------------------------------------------------- failures
 def test_save_replaces_an_existing_folder_only_on_success(models, tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / "old.txt").write_text("previous contents")
     q = qk.quantize(models["llama-tied"], "int8", progress=False)
+    qk.save(q, out)
+    (out / "old.txt").write_text("previous contents")
+    before = sorted(p.name for p in out.iterdir())
 
     import quantkit.io.checkpoint as ckpt
 
@@ -186,12 +188,36 @@ def test_save_replaces_an_existing_folder_only_on_success(models, tmp_path, monk
     with pytest.raises(RuntimeError, match="disk full"):
         qk.save(q, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == before
     monkeypatch.undo()
 
-    qk.save(q, out)
+    qk.save(q, out)  # a previous quantkit checkpoint: replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", WEIGHTS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json", WEIGHTS_FILE]
+
+
+def test_save_refuses_a_folder_quantkit_did_not_write(models, tmp_path):
+    from quantkit.errors import OutputError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    q = qk.quantize(models["llama-tied"], "int8", progress=False)
+    with pytest.raises(OutputError, match="--overwrite"):
+        qk.save(q, out)
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    qk.save(q, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json", WEIGHTS_FILE]
+
+
+def test_save_never_writes_over_the_source(models, tmp_path):
+    from quantkit.errors import OutputError
+
+    q = qk.quantize(models["llama-tied"], "int8", progress=False)
+    src = qk.save(q, tmp_path / "src")
+    model, _ = qk.load(src)
+    with pytest.raises(OutputError, match="source model"):
+        qk.save(model, src, overwrite=True)
 
 
 def test_truncated_weights_are_refused(models, tmp_path):

@@ -208,7 +208,8 @@ def _uniform_scheme(model, fmt: Exporter) -> tuple[Scheme, int]:
     return scheme, scheme.group_size if scheme.group_size > 0 else -1
 
 
-def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, fmt: str, card: str | None = None) -> ExportSummary:
+def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, fmt: str, card: str | None = None,
+              overwrite: bool = False, protect=()) -> ExportSummary:
     """Write `model` (quantized by quantkit) in `fmt` ("gptq" or "compressed-tensors") to
     `out_dir` atomically: model.safetensors, config.json with the format's quantization_config,
     the tokenizer, and README.md (`card`) when given."""
@@ -254,7 +255,7 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, fmt: str, card: 
     config["dtype"] = str(float_dtype).replace("torch.", "")
     config["tie_word_embeddings"] = bool(tied)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "export", overwrite, protect) as tmp:
         tmp = Path(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))

@@ -36,7 +36,7 @@ from ..errors import SchemeError, SourceError
 from ..formats import QuantizedWeight
 from ..formats.ggml import LINEAR_GRIDS, quantize_rows
 from ..formats.integer import int_codes
-from .atomic import atomic_path
+from .atomic import atomic_path, check_output
 from .ggml_mix import FTYPES, tensor_type
 from .gguf_tokens import tokenizer_fields
 
@@ -231,8 +231,12 @@ def plan_types(model: nn.Module, ftype: str) -> dict[str, str]:
 
 
 def export_gguf(model: nn.Module, tokenizer, path: "str | os.PathLike", ftype: str = "Q8_0",
-                tokenizer_pre: str | None = None, progress: bool = True) -> ExportSummary:
-    """Write `model` (float or quantkit-quantized) and its tokenizer as a GGUF file llama.cpp runs."""
+                tokenizer_pre: str | None = None, progress: bool = True, overwrite: bool = False,
+                protect=()) -> ExportSummary:
+    """Write `model` (float or quantkit-quantized) and its tokenizer as a GGUF file llama.cpp runs.
+
+    An existing GGUF file at `path` is replaced; anything else only with `overwrite`, and a
+    `protect`ed path (the source) never (io.atomic.check_output)."""
     import gguf
 
     ftype = ftype.upper()
@@ -244,6 +248,7 @@ def export_gguf(model: nn.Module, tokenizer, path: "str | os.PathLike", ftype: s
     path = Path(path)
     if path.suffix.lower() != ".gguf":
         raise SourceError(f"the output file must end in .gguf: {path}")
+    check_output(path, "gguf", overwrite=overwrite, protect=protect)  # before any weight work
     cfg = model.config
     n_blocks = int(cfg.num_hidden_layers)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf.upper()], n_blocks)
@@ -266,7 +271,7 @@ def export_gguf(model: nn.Module, tokenizer, path: "str | os.PathLike", ftype: s
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(plan), desc=f"GGUF {ftype}", unit="tensor", leave=False)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, "gguf", overwrite, protect) as tmp:
         w = gguf.GGUFWriter(tmp, arch=arch.gguf)
         w.add_name(str(getattr(cfg, "_name_or_path", "") or path.stem))
         _hparams(w, model, arch)

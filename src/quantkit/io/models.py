@@ -50,7 +50,11 @@ ALIASES: dict[str, ModelAlias] = {
 def cache_dir() -> Path:
     """Where fetched models live: `$QUANTKIT_CACHE` or `~/.cache/quantkit`."""
     env = os.environ.get("QUANTKIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "quantkit"
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "quantkit"
+    if path.exists() and not path.is_dir():
+        raise SourceError(f"the model cache {path} is a file, not a folder"
+                          + (" (QUANTKIT_CACHE points at it)" if env else "") + "; point QUANTKIT_CACHE at a folder")
+    return path
 
 
 def _alias(alias: str) -> ModelAlias:

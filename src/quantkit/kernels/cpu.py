@@ -65,8 +65,11 @@ def _pick_int8_mm() -> str:
         from .native import w8a8_avx2, why_not_w8a8_avx2
 
         if w8a8_avx2() is None:
-            raise RuntimeError(f"QUANTKIT_INT8_MM=avx2, but quantkit's AVX2 kernel cannot run here: "
-                               f"{why_not_w8a8_avx2() or 'its build failed (see the log)'}")
+            from ..errors import QuantkitError
+
+            raise QuantkitError(f"QUANTKIT_INT8_MM=avx2, but quantkit's AVX2 kernel cannot run here: "
+                                f"{why_not_w8a8_avx2() or 'its build failed (see the log)'}; unset it or set "
+                                "QUANTKIT_INT8_MM=float")
         return forced
     if forced:
         import logging

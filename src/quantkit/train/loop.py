@@ -84,7 +84,7 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _save_checkpoint(folder: Path, model, opt, step: int, history: list[float], cfg: TrainConfig) -> None:
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "resume") as tmp:
         save_file({n: p.detach().contiguous() for n, p in trainable(model).items()}, str(Path(tmp) / "trainable.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, Path(tmp) / "optimizer.pt")
         (Path(tmp) / "state.json").write_text(json.dumps({"step": step, "losses": history, "config": asdict(cfg)}, indent=1))
@@ -95,8 +95,9 @@ def _load_checkpoint(folder: Path, model, opt, cfg: TrainConfig) -> tuple[int, l
         state = json.loads((folder / "state.json").read_text())
         params = load_file(str(folder / "trainable.safetensors"))
         extra = torch.load(folder / "optimizer.pt", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DataError(f"cannot resume from {folder}: {e}; remove it to start over") from None
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler refuses a tampered file in many ways
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"cannot resume from {folder}: {msg}; remove it to start over") from None
     saved = state.get("config", {})
     for key in ("batch_size", "seq_len", "seed", "optimizer"):
         if saved.get(key) != getattr(cfg, key):

@@ -80,7 +80,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str = "") -> Path:
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str = "", overwrite: bool = False) -> Path:
     """Write the adapters in PEFT's layout (atomic); `peft` loads them onto the dequantized base."""
     layers = lora_layers(model)
     if not layers:
@@ -93,7 +93,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str = "") ->
               "use_rslora": False, "use_dora": False}
     base_info = {"base_scheme": lc["base_scheme"], "compute_dtype": lc["compute_dtype"], "base_model": str(base_model)}
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "adapter", overwrite) as tmp:
         save_file(adapter_state_dict(model), str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
         (Path(tmp) / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (Path(tmp) / "quantkit_base.json").write_text(json.dumps(base_info, indent=2))  # how the base was quantized
