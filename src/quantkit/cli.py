@@ -75,6 +75,13 @@ def _out(a, kind, path="--out"):
     return final
 
 
+def _guard(model, tok, head):
+    """Stop if the float model as quantkit holds it does not reproduce the source (evaluate.guard)."""
+    from .evaluate.guard import check_reference
+
+    check_reference(model, head=head or "bf16", tokenizer=tok)
+
+
 def _finite(obj):
     """NaN/inf as null, recursively, so --json output is strict JSON."""
     if isinstance(obj, float):
@@ -214,6 +221,8 @@ def cmd_quantize(a):
         model, tok, loader = open_streaming(a.model, a.offload_dir, allow_pickle=a.allow_pickle)
     else:
         model, tok = load(a.model, allow_pickle=a.allow_pickle)
+        if needs_calibration(cfg):  # calibrating on a float model that is not the source's would be garbage
+            _guard(model, tok, cfg.head)
     ids = None
     if needs_calibration(cfg):
         from .data import calib_samples, calibration
@@ -255,6 +264,7 @@ def cmd_export(a):
     seconds = None
     if a.method != "rtn":
         t0 = time.perf_counter()
+        _guard(model, tok, "keep")
         model = quantize_for_gguf(model, tok, a.gguf, method=a.method, calib=calib, progress=not a.json,
                                   calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed,
                                   batch_size=a.batch_size, sequential=a.sequential, act_order=a.act_order,
@@ -289,6 +299,8 @@ def _export_hf(a, model, tok, calib):
     else:
         scheme = check_scheme(a.to, a.scheme or export_scheme(model))
         t0 = time.perf_counter()
+        if a.method != "rtn":
+            _guard(model, tok, "bf16")
         qm = quantize(model, scheme, method=a.method, calib=calib, tokenizer=tok, progress=not a.json,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, batch_size=a.batch_size,
                       sequential=a.sequential, act_order=a.act_order, static_groups=a.static_groups, damp=a.damp,
@@ -354,7 +366,7 @@ def cmd_compare(a, schemes=None, model=None):
     result = compare(model or a.model, schemes or a.schemes, text=text, ctx=a.ctx, max_tokens=a.max_tokens,
                      head=a.head, speed=not a.no_speed, report_dir=a.report, command=" ".join(["quantkit"] + sys.argv[1:]),
                      calib=_text(a.calib, "calib"), calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed,
-                     smooth=a.smooth)
+                     smooth=a.smooth, allow_pickle=getattr(a, "allow_pickle", False))
     if a.json:
         print(to_json(result))
         return
@@ -466,7 +478,9 @@ def _sensitivity(a, model, tok, ids):
     if getattr(a, "proxy", False) and a.command == "plan":
         from .plan import proxy_sensitivity
 
+        _guard(model, tok, getattr(a, "head", None) or "bf16")
         return proxy_sensitivity(model, ids, a.schemes, batch_size=a.batch_size)
+    _guard(model, tok, getattr(a, "head", None) or "bf16")
     return measure_sensitivity(model, ids, a.schemes, batch_size=a.batch_size)
 
 

@@ -300,7 +300,8 @@ def _quantize_head(model, cfg: QuantConfig, info: QuantInfo, emb_name, out_name,
     info.head = {"embedding": emb_name, "head": out_name, "tied": tied, "scheme": scheme.name}
     if emb is not None and isinstance(emb, nn.Embedding):
         qe = QuantEmbedding(quantize_table(emb.weight.detach().float(), scheme, from_file), emb.padding_idx,
-                            out_dtype=emb.weight.dtype if emb.weight.is_floating_point() else torch.float32)
+                            out_dtype=emb.weight.dtype if emb.weight.is_floating_point() else torch.float32,
+                            embed_scale=getattr(emb, "embed_scale", None))
         _set_module(model, emb_name, qe)
         if tied and out is not None:
             _set_module(model, out_name, qe.linear)  # one table, two uses

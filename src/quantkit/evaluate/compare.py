@@ -1,7 +1,9 @@
 """`compare`: quantize, save, reload, evaluate and time several schemes in one run.
 
 Every row goes through the whole main job (quantize -> save -> load -> evaluate), so the
-sizes are the files written and the memory is what the reloaded model holds.
+sizes are the files written and the memory is what the reloaded model holds. Before any
+measuring, the guard (evaluate/guard.py) checks that quantkit holds this float model right with
+each embeddings/head storage the rows use, and the fp32 row again after its save -> load.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from ..pipeline import linear_weight
 from ..scheme import make_config, parse_schemes
+from .guard import check_float_model, check_reference, probe_ids
 from .quality import ReferenceCache
 from .run import evaluate_model, make_windows
 from .size import disk_bytes
@@ -35,9 +38,21 @@ def _hist_layer(model) -> str | None:
     return next((n for n, m in model.named_modules() if linear_weight(m) is not None), None)
 
 
+def _guard(model, tok, schemes, head=None) -> "torch.Tensor":
+    """Stop before the long work if the float model as quantkit holds it (fp32 layers, each head
+    storage the rows use) does not give the source's logits; returns the probe token ids. Without
+    an fp32 row (which is checked after its own reload) the first check goes through save -> load."""
+    ids = probe_ids(model, tok)
+    heads = dict.fromkeys(make_config(s, head=head).head for s in schemes)
+    roundtrip = not any(s.name == "fp32" for s in schemes)
+    for i, h in enumerate(heads):
+        check_reference(model, head=h, roundtrip=roundtrip and i == 0, ids=ids)
+    return ids
+
+
 def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192, head=None, speed=True,
             prompt=DEFAULT_PROMPT, gen_tokens=32, report_dir=None, progress=True, command=None, calib=None,
-            calib_samples=128, calib_len=512, seed=0, smooth=None) -> dict:
+            calib_samples=128, calib_len=512, seed=0, smooth=None, allow_pickle=False) -> dict:
     """Run the main job for each scheme on `source`; returns {"rows", "generations", "meta"}.
 
     text: the evaluation text (a string) or None to score on text the fp32 model generates
@@ -52,7 +67,8 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
     schemes = parse_schemes(schemes) if isinstance(schemes, str) else list(schemes)
     for s in schemes:  # validate everything before the long work
         make_config(s, head=head, smooth=None if s.is_float else smooth)
-    model, tok = load(source)
+    model, tok = load(source, allow_pickle=allow_pickle)
+    probe = _guard(model, tok, schemes, head)
     calib_ids = None
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     windows = make_windows(tok, text, ctx, max_tokens, generator_model=model if text is None else None)
@@ -78,6 +94,8 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
             del qm
             size = disk_bytes(out)
             m2, _ = load(out)
+        if scheme.name == "fp32":  # the reference row: the float model after quantkit's save -> load
+            check_float_model(model, m2, ids=probe, what="the fp32 row (quantized, saved and reloaded)")
         res = evaluate_model(m2, tok, text=text, reference=ref, windows=windows, speed=speed,
                              size_bytes=size, progress=progress)
         if m2.quantkit.errors:
@@ -115,10 +133,9 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
 
 
 def _write(report_dir, result, hist, layer, errors) -> Path:
-    from ..report import plot_layer_error, plot_size_vs_perplexity, plot_weight_histogram, write_report
+    from ..report import plot_layer_error, plot_size_vs_perplexity, plot_weight_histogram, report_folder, write_report
 
-    report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = report_folder(report_dir)
     plots = {}
     if hist:
         p = report_dir / "weight_histogram.png"

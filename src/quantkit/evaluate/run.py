@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
 from ..data import eval_windows, generate_reference_text, windows_from_ids
 from ..errors import DataError
+from .guard import GUARDED_HEADS, check_reference
 from .quality import ReferenceCache, score
 from .size import memory_bytes
 from .speed import decode_speed
@@ -42,9 +44,25 @@ def make_windows(tokenizer, text=None, ctx=512, max_tokens=None, generator_model
     return windows_from_ids(ids, min(ctx, len(ids)))
 
 
+def guard_reference(model, reference, tokenizer=None) -> None:
+    """When a quantized `model` is measured against a float `reference` model (one transformers
+    built, not a quantkit checkpoint), check first that quantkit holds that float model right with
+    the embeddings/head storage `model` uses (evaluate/guard.py); SourceError if not."""
+    if not isinstance(reference, nn.Module) or hasattr(reference, "quantkit") or not hasattr(model, "quantkit"):
+        return
+    head = (model.quantkit.head or {}).get("scheme") or "keep"
+    if head not in GUARDED_HEADS:
+        log.warning("guard: embeddings/head stored as %s; checking the float model with a bf16 head instead", head)
+        head = "bf16"
+    check_reference(reference, head=head, tokenizer=tokenizer)
+
+
 def evaluate_model(model, tokenizer, text=None, reference=None, ctx=512, max_tokens=None, speed=False,
-                   windows=None, size_bytes=None, progress=True) -> dict:
-    """Perplexity, KLD/top-1 vs `reference` (a model or a ReferenceCache), sizes, speed."""
+                   windows=None, size_bytes=None, progress=True, guard=True) -> dict:
+    """Perplexity, KLD/top-1 vs `reference` (a model or a ReferenceCache), sizes, speed.
+    `guard`: with a reference model, first check that quantkit holds it right (`guard_reference`)."""
+    if guard:
+        guard_reference(model, reference, tokenizer)
     if windows is None:
         gen = reference.model if isinstance(reference, ReferenceCache) else reference
         windows = make_windows(tokenizer, text, ctx, max_tokens, generator_model=gen if text is None else None)

@@ -311,7 +311,8 @@ def install_quantized(model: nn.Module, info: QuantInfo, keys: set[str], get, dt
             m = model.get_submodule(emb_name)
             p = parts(emb_name)
             used.update(f"{emb_name}.{k}" for k in p)
-            qe = QuantEmbedding(QuantizedWeight(hs, stored_shape(m), p), getattr(m, "padding_idx", None), out_dtype=dtype)
+            qe = QuantEmbedding(QuantizedWeight(hs, stored_shape(m), p), getattr(m, "padding_idx", None), out_dtype=dtype,
+                                embed_scale=getattr(m, "embed_scale", None))
             _set_module(model, emb_name, qe)
             if tied and out_name:
                 _set_module(model, out_name, qe.linear)

@@ -63,7 +63,8 @@ class QuantEmbedding(nn.Module):
 
     SUPPORTED = ("float", "int8-per-row")
 
-    def __init__(self, qw: QuantizedWeight, padding_idx: int | None = None, out_dtype=torch.float32):
+    def __init__(self, qw: QuantizedWeight, padding_idx: int | None = None, out_dtype=torch.float32,
+                 embed_scale: "torch.Tensor | float | None" = None):
         super().__init__()
         s = qw.scheme
         if not (s.kind == "float" or (s.kind in ("int", "llm-int8") and s.bits == 8 and s.symmetric and s.group_size == -1)):
@@ -72,6 +73,10 @@ class QuantEmbedding(nn.Module):
         self.padding_idx = padding_idx
         self.out_dtype = out_dtype
         self.linear = QuantLinear(qw)  # holds the buffers; also usable as the tied output head
+        # families that scale their embeddings (Gemma: sqrt(hidden)) keep the scale: the stored
+        # table stays unscaled, as the tied head and GGUF files need it
+        self.register_buffer("embed_scale", None if embed_scale is None else torch.as_tensor(embed_scale).detach().clone(),
+                             persistent=False)
 
     @property
     def scheme(self):
@@ -83,6 +88,8 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         lin = self.linear
         if lin.scheme.kind == "float":
-            return lin.weight[ids].to(self.out_dtype)
-        rows = lin.q[ids].to(self.out_dtype)  # [..., D] int8 codes of the looked-up rows
-        return rows * lin.scale16[ids].to(self.out_dtype)  # scale16 [V, 1] -> [..., 1]
+            out = lin.weight[ids].to(self.out_dtype)
+        else:
+            rows = lin.q[ids].to(self.out_dtype)  # [..., D] int8 codes of the looked-up rows
+            out = rows * lin.scale16[ids].to(self.out_dtype)  # scale16 [V, 1] -> [..., 1]
+        return out if self.embed_scale is None else out * self.embed_scale.to(self.out_dtype)
