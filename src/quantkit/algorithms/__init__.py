@@ -46,4 +46,4 @@ def get(name: str) -> Algorithm:
     return ALGORITHMS[name]
 
 
-from . import gptq, llm_int8, rtn  # noqa: E402,F401  (registration)
+from . import gptq, llm_int8, rtn, rtn_mse  # noqa: E402,F401  (registration)
