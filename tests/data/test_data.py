@@ -158,3 +158,25 @@ def test_generate_reference_text(tok):
     assert a[: len(first)].tolist() == first
     assert data.windows_from_ids(a, ctx=4).shape[1] == 4
     assert len(data.DEFAULT_PROMPTS) == 8
+
+
+def test_max_tokens_tokenizes_only_the_prefix_it_needs(tok, monkeypatch):
+    """--max-tokens 64 on a long text: the same ids as tokenizing all of it, from a small prefix."""
+    big = "\n".join(SENTENCES * 4000)  # ~1 MB
+    full = data.tokenize(tok, big)
+    seen = []
+    real = data.tokenize
+
+    def counting(t, text):
+        seen.append(len(text))
+        return real(t, text)
+
+    monkeypatch.setattr(data, "tokenize", counting)
+    for n in (64, 1000, 20000):
+        seen.clear()
+        w = data.eval_windows(tok, big, ctx=32, max_tokens=n)
+        assert torch.equal(w.reshape(-1), full[: n // 32 * 32])
+        assert sum(seen) < max(len(big) // 4, 64 * n)  # a prefix, not the whole text
+    seen.clear()
+    data.eval_windows(tok, "\n".join(SENTENCES * 3), ctx=8, max_tokens=10**6)  # asks more than there is
+    assert torch.equal(data.tokenize_prefix(tok, "\n".join(SENTENCES * 3), 10**6), real(tok, "\n".join(SENTENCES * 3)))
