@@ -292,6 +292,11 @@ def test_widened_packed_kernels_use_the_exact_dequantized_weight(widen_everythin
     ref = x.double() @ qw.dequantize().double().T
     assert y.shape == (3, 5, shape[0]) and y.dtype == x.dtype
     rel = float((y.double() - ref).norm() / ref.norm())
+    if kernel is Int4Kernel and widen_everything._int4_block_gather(shape[1]) is None:
+        # this CPU's torch lays int4 out otherwise than the probed layout (seen on AVX-512 hosts):
+        # the packed bf16 kernel runs, within its own tolerance (test_widened_int4_falls_back_...)
+        assert rel < BF16_TOL, f"{kernel.name} {scheme}: relative error {rel:.3g}"
+        return
     assert rel < TIGHT, f"{kernel.name} {scheme}: relative error {rel:.3g}"
 
 

@@ -5,6 +5,8 @@ Skipped where the kernel cannot be built (no AVX2, no compiler)."""
 import pytest
 import torch
 
+from quantkit.errors import QuantkitError
+
 from quantkit.formats import quantize
 from quantkit.formats.integer import int_codes, quantize_activation, with_act_range
 from quantkit.kernels import native
@@ -122,7 +124,7 @@ def test_disabled_kernel_falls_back_and_says_why(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert cpu._pick_int8_mm() == "float"
     monkeypatch.setenv("QUANTKIT_INT8_MM", "avx2")
-    with pytest.raises(RuntimeError, match="QUANTKIT_NATIVE=0"):
+    with pytest.raises(QuantkitError, match="QUANTKIT_NATIVE=0"):
         cpu._pick_int8_mm()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from quantkit.io.atomic import MARKER
 from quantkit.report import plot_layer_error, table_cells, table_columns, write_html_report, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -42,7 +43,7 @@ def _report(tmp_path, plot, **kw):
 
 def test_html_is_one_self_contained_file(tmp_path, plot, caplog):
     page = _report(tmp_path / "out", plot)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "report.md", "results.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "report.html", "report.md", "results.json"]
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     # nothing but data: URIs and in-page anchors; no scripts, no stylesheet links
     refs = re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page, flags=re.I)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from quantkit.report import (
+from quantkit.report import (  # noqa: I001
+    report_folder,
     COLUMNS,
     markdown_table,
     plot_layer_error,
@@ -104,6 +105,7 @@ def test_plot_errors(tmp_path):
 
 
 def test_write_report(tmp_path):
+    report_folder(tmp_path / "out")  # the report's folder first (as compare does), then its plots inside it
     plots_dir = tmp_path / "out" / "plots"
     err = plot_layer_error({"a": 0.1, "b": 0.2}, plots_dir / "err.png")
     front = plot_size_vs_perplexity(ROWS, plots_dir / "front.png")
@@ -124,7 +126,7 @@ def test_write_report(tmp_path):
     assert results["meta"]["model"] == "tiny-llama"
     assert len(results["rows"]) == 3 and results["rows"][2]["perplexity"] is None
     assert results["generations"] == generations
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plots", "report.md", "results.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".quantkit-output", "plots", "report.md", "results.json"]
     assert not math.isnan(results["rows"][0]["perplexity"])
 
 
