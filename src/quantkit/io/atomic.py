@@ -310,7 +310,11 @@ def _start(final_path, kind: str, overwrite: bool, protect) -> tuple[Path, Calla
     def check():
         return check_output(final, kind, overwrite=overwrite, protect=protect)
 
-    check()
+    if final.parent.is_dir():
+        with _locked(final.parent):  # not in the middle of another writer's two renames
+            check()
+    else:
+        check()
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
