@@ -72,7 +72,7 @@ def main():
     rows, models = {}, {}
     for label, scheme, smooth in variants(a.observers.split(","), a.smoothed.split(",")):
         t0 = time.perf_counter()
-        m = model if scheme is None else qk.quantize(model, scheme, calib=calib, smooth=smooth, progress=False)
+        m = model if scheme is None else qk.quantize(model, scheme, calib=calib, transforms=[qk.SmoothQuant(smooth)] if smooth else (), progress=False)
         secs = time.perf_counter() - t0
         res = score(m, windows, reference=ref, progress=False)
         rows[label] = {"ppl": res["perplexity"], "kld": res.get("kl_divergence", 0.0),

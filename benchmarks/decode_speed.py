@@ -73,7 +73,7 @@ def main():
             if scheme is not None and scheme.startswith("w8a8-static") and calib is None:
                 calib = calib_samples(tok, qk.text(a.text, split="calib"), a.calib_samples, 512, 0)
             models[label] = model if scheme is None else qk.quantize(model, scheme, head=head, progress=False,
-                                                                       calib=calib, smooth=smooth)
+                                                                       calib=calib, transforms=[qk.SmoothQuant(smooth)] if smooth is not None else ())
     gc.collect()
     best = {k: 0.0 for k in models}
     for r in range(a.rounds):

@@ -25,9 +25,11 @@ OUT = REPO / "docs" / "api.md"
 # (module, one-line role) in the order they appear in the reference
 MODULES = (
     ("quantkit", "the Python API (`import quantkit as qk`)"),
-    ("quantkit.scheme", "the scheme grammar, `Scheme`, `QuantConfig`, mixed-precision `Rule`s"),
+    ("quantkit.scheme", "the scheme grammar: `Scheme`, `parse_scheme`"),
+    ("quantkit.config", "what to quantize how: `QuantConfig`, mixed-precision `Rule`s, `make_config`"),
     ("quantkit.formats", "codecs: float weight -> `QuantizedWeight` and back; the `FORMATS` registry"),
-    ("quantkit.algorithms", "methods (rtn, llm-int8, gptq): the `ALGORITHMS` registry"),
+    ("quantkit.algorithms", "weight methods and block transforms, one file each: the `METHODS` and `TRANSFORMS` registries"),
+    ("quantkit.modules", "model surgery: the one walk over quantizable layers (`iter_targets`), head, tied tensors"),
     ("quantkit.data", "text sources, the evaluation / calibration split, calibration samples"),
     ("quantkit.io.load", "any model source -> model and tokenizer"),
     ("quantkit.io.checkpoint", "quantkit's safetensors checkpoint layout"),
@@ -41,7 +43,7 @@ MODULES = (
     ("quantkit.train", "QAT, QLoRA, 8-bit AdamW and the training loop"),
 )
 # module-level registries: shown as their keys (their values hold objects whose repr has addresses)
-REGISTRIES = {"quantkit.formats": ("FORMATS",), "quantkit.algorithms": ("ALGORITHMS",)}
+REGISTRIES = {"quantkit.formats": ("FORMATS",), "quantkit.algorithms": ("METHODS", "TRANSFORMS")}
 # names a module exports lazily through __getattr__ (documented where they are defined)
 LAZY = {"quantkit": ("QuantkitConfig", "QuantkitHfQuantizer")}
 

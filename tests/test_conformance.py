@@ -2,8 +2,10 @@
 
 For each compatible (method, scheme): quantize -> save -> load gives identical logits, the size
 estimate made from the float model equals the written file, and the dequantized weights stay
-within an error bound derived from the scheme's grid. The cases are generated from
-`quantkit.algorithms.ALGORITHMS` and `quantkit.formats.FORMATS` at collection time, so a new
+within an error bound derived from the scheme's grid; a method that uses calibration data
+must also beat RTN of the same scheme on what it minimises, the layer's output error on the
+calibration inputs. The cases are generated from
+`quantkit.algorithms.METHODS` and `quantkit.formats.FORMATS` at collection time, so a new
 method or format is tested without a new test (a new format kind must add a representative to
 `REPRESENTATIVES`, which `test_every_format_kind_has_a_representative` enforces).
 """
@@ -15,12 +17,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 import quantkit as qk
-from quantkit.algorithms import ALGORITHMS
+from quantkit.algorithms import METHODS, method_of
 from quantkit.errors import SchemeError
 from quantkit.formats import FORMATS
 from quantkit.io.checkpoint import WEIGHTS_FILE, expected_weights_bytes
 from quantkit.nn import QuantLinear
-from quantkit.scheme import Scheme, make_config, parse_scheme
+from quantkit.config import make_config
+from quantkit.scheme import Scheme, parse_scheme
 
 hf_logging.set_verbosity_error()
 
@@ -37,7 +40,7 @@ REPRESENTATIVES = {
     "ggml": ["gguf-q8_0", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-iq4_nl"],
 }
 SCHEMES = [s for kind in sorted(FORMATS) for s in REPRESENTATIVES.get(kind, [])]
-CASES = [pytest.param(m, s, id=f"{m}-{s}") for m in sorted(ALGORITHMS) for s in SCHEMES]
+CASES = [pytest.param(m, s, id=f"{m}-{s}") for m in sorted(METHODS) for s in SCHEMES]
 
 # Relative weight error bounds ||W - deq(W)||_F / ||W||_F for Gaussian weights (the tiny
 # Llama's Linears are N(0, 0.02)). Rounding to a grid of step s leaves an error spread over
@@ -109,7 +112,7 @@ def test_the_bounds_are_not_trivial():
 
 @pytest.mark.parametrize("method,scheme", CASES)
 def test_method_scheme_end_to_end(model, ids, calib, method, scheme, tmp_path):
-    alg = ALGORITHMS[method]
+    alg = method_of(method)
     sc = parse_scheme(scheme)
     try:
         alg.check(sc)
@@ -119,8 +122,6 @@ def test_method_scheme_end_to_end(model, ids, calib, method, scheme, tmp_path):
         cfg = make_config(sc, method)
     except SchemeError as e:
         pytest.skip(f"refused at the boundary: {e}")
-    if cfg.method != method:
-        pytest.skip(f"make_config maps {method} + {scheme} to method {cfg.method} (tested as that pair)")
 
     q = qk.quantize(model, cfg, progress=False, calib=calib if alg.needs or sc.needs else None)
     assert set(q.quantkit.methods.values()) == {method}
@@ -140,3 +141,25 @@ def test_method_scheme_end_to_end(model, ids, calib, method, scheme, tmp_path):
         rel = float((mod.dequantized_weight() - w).norm() / w.norm())
         assert rel < bound, f"{name}: relative weight error {rel:.4f} >= {bound:.4f}"
         assert rel == pytest.approx(q.quantkit.errors[name], rel=1e-4, abs=1e-7)  # what was reported
+    if alg.needs:
+        check_output_error_below_rtn(model, q, calib, sc)
+
+
+def check_output_error_below_rtn(model, q, calib, sc):
+    """The first block's q/k/v read the same input in the float, the calibrated and the RTN
+    model (the norm of the embedding, both kept in float): on those calibration inputs X the
+    calibrated layer's ||X Wᵀ - X Ŵᵀ|| must be below RTN's (a method that returned RTN fails)."""
+    rtn = qk.quantize(model, make_config(sc, "rtn"), progress=False, calib=calib if sc.needs else None)
+    seen = {}
+    layer = model.model.layers[0].self_attn.q_proj
+    hook = layer.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(calib)
+    hook.remove()
+    x = seen["x"]
+    for rel in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{rel}"
+        w = model.get_submodule(name).weight.detach().float()
+        err = {k: float((x @ (m.get_submodule(name).dequantized_weight() - w).T).norm()) for k, m in (("calibrated", q), ("rtn", rtn))}
+        assert err["calibrated"] < err["rtn"], f"{name}: output error {err}"
+

@@ -2,7 +2,7 @@
 
     import quantkit as qk
     model, tok = qk.load("smollm2")                     # alias, HF folder, hub id or .gguf
-    qmodel = qk.quantize(model, "int4-g128")            # method="rtn" | "llm-int8" | "gptq"
+    qmodel = qk.quantize(model, "int4-g128")            # method="rtn" | "gptq" | qk.GPTQ(damp=0.05) ...
     qk.save(qmodel, "out/", tok)                        # reload with qk.load("out/")
     qk.export_gguf(model, tok, "out.gguf", "Q4_K_M")    # a GGUF file llama.cpp runs
     print(qk.evaluate(qmodel, tok, text=qk.text("wiki.test.raw"), reference=model))
@@ -14,7 +14,9 @@ import logging
 from .errors import DataError, QuantkitError, SchemeError, SourceError
 from .formats import QuantizedWeight, dequantize, storage_bytes
 from .formats import quantize as quantize_tensor
-from .scheme import GRAMMAR, QuantConfig, Rule, Scheme, make_config, parse_scheme
+from .algorithms import METHODS, TRANSFORMS, Method, Transform
+from .config import QuantConfig, Rule, make_config
+from .scheme import GRAMMAR, Scheme, parse_scheme
 
 __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -39,33 +41,33 @@ def load(source, dtype=None, allow_pickle=False):
     return model, tok
 
 
-def quantize(model, scheme="int8", method="rtn", head=None, rules=(), strict_groups=False,
+def quantize(model, scheme="int8", method=None, head=None, rules=(), strict_groups=False,
              inplace=False, progress=True, calib=None, tokenizer=None, calib_samples=128, calib_len=512,
-             seed=0, batch_size=8, sequential=False, damp=0.01, act_order=True, static_groups=False,
-             gptq_block_size=128, smooth=None):
+             seed=0, batch_size=8, sequential=False, transforms=()):
     """Quantize every Linear layer of `model` (a copy unless `inplace`) and return it.
 
-    scheme: a scheme string (see `quantkit.GRAMMAR`) or Scheme; method: "rtn", "llm-int8" or
-    "gptq"; head: storage of embeddings and output head ("bf16", "fp16", "fp32", "int8",
-    "keep"; None = bf16, or the scheme itself when the scheme is a plain cast);
+    scheme: a scheme string (see `quantkit.GRAMMAR`), a Scheme, or a whole QuantConfig;
+    method: a name in `qk.METHODS` ("rtn", "gptq", ...) or an instance
+    with options (`qk.GPTQ(damp=0.05, act_order=False)`); None is rtn (llm-int8 for the
+    llm-int8 scheme). head: storage of embeddings and output head ("bf16", "fp16", "fp32",
+    "int8", "keep"; None = bf16, or the scheme itself when the scheme is a plain cast);
     rules: `Rule(pattern, scheme, method)` list for mixed precision (first match wins).
-    Calibrated methods (gptq) take `calib`: a text (e.g. `qk.text(path, "calib")`, needs
-    `tokenizer`) or token ids [N, L]; with calib=None they calibrate on text the model
-    generates itself (a warning says so). `calib_samples` x `calib_len` tokens, drawn with
-    `seed`; `sequential` quantizes a block's Linears group by group (q/k/v, o, gate/up, down).
-    Static activation schemes (`w8a8-static-mse`, ...) calibrate the same way. `smooth=alpha`
-    applies SmoothQuant (alpha 0.5 is the paper's default) before quantizing.
+    transforms: block transforms run before each block is quantized (names or instances,
+    e.g. `qk.SmoothQuant(alpha=0.5)`, the paper's default; "auto" chooses it per group).
+    Calibrated methods (gptq), static activation schemes (`w8a8-static-mse`, ...) and
+    transforms take `calib`: a text (e.g. `qk.text(path, "calib")`, needs `tokenizer`) or
+    token ids [N, L]; with calib=None they calibrate on text the model generates itself (a
+    warning says so). `calib_samples` x `calib_len` tokens, drawn with `seed`; `sequential`
+    quantizes a block's Linears group by group (q/k/v, o, gate/up, down).
     """
-    from .pipeline import check_float, needs_calibration, quantize_model, validate_config
+    from .modules import check_float
+    from .pipeline import needs_calibration, quantize_model, validate_config
 
     check_float(model)  # before calibration text is generated from it
     if isinstance(scheme, QuantConfig):
         cfg = scheme
     else:
-        from .scheme import GPTQOptions
-
-        cfg = make_config(scheme, method, head, rules, strict_groups,
-                          GPTQOptions(damp, gptq_block_size, act_order, static_groups), sequential, smooth)
+        cfg = make_config(scheme, method, head, rules, strict_groups, sequential, transforms)
     validate_config(cfg)
     ids = None
     if needs_calibration(cfg):
@@ -106,38 +108,39 @@ def export_gguf(model, tokenizer, path, ftype="Q8_0", method="rtn", calib=None, 
     Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K) that llama.cpp runs.
 
     method="rtn": float weights get llama.cpp's reference rounding; an already quantized model
-    is repacked where its grid fits (see io/gguf.py). method="gptq": every Linear is first
-    solved by GPTQ onto the GGUF block type llama.cpp's rules give it in a file of `ftype`
-    (calibration as in `quantize`: `calib`, `tokenizer`, and `calib_samples`, `calib_len`,
-    `seed`, `act_order`, `damp`, ...), so the file is an ordinary GGUF with lower error.
+    is repacked where its grid fits (see io/gguf.py). method="gptq" (or `GPTQ(...)` with
+    options): every Linear is first solved by GPTQ onto the GGUF block type llama.cpp's rules
+    give it in a file of `ftype` (calibration as in `quantize`: `calib`, `tokenizer`, and
+    `calib_samples`, `calib_len`, `seed`, `batch_size`, `sequential`), so the file is an
+    ordinary GGUF with lower error.
     Returns an ExportSummary (path, bytes, tensor types, repacked tensors).
     """
     from .io.gguf import export_gguf as _export
 
-    if method != "rtn":
+    if str(method) != "rtn":
         model = quantize_for_gguf(model, tokenizer, ftype, method=method, calib=calib, progress=progress,
                                   **calib_options)
     elif calib is not None or calib_options:
-        raise SchemeError("calibration options apply to method='gptq' only")
+        raise SchemeError("calibration options apply to calibrated methods such as method='gptq' only")
     return _export(model, tokenizer, path, ftype, tokenizer_pre=tokenizer_pre, progress=progress, overwrite=overwrite,
                    protect=_sources(model))
 
 
 def quantize_for_gguf(model, tokenizer, ftype, method="gptq", calib=None, progress=True, **calib_options):
     """Quantize every Linear of `model` onto the GGUF block type a file of `ftype` gives it
-    (llama.cpp's per-tensor rules), with `method`; embeddings and head stay as they are."""
+    (llama.cpp's per-tensor rules), with `method` (a name or an instance such as
+    `GPTQ(damp=0.05)`); embeddings and head stay as they are. `calib_options`: those of
+    `quantize` (calib_samples, calib_len, seed, batch_size, sequential)."""
+    from .algorithms import method_of
     from .io.gguf import plan_types
-    from .scheme import GPTQOptions, gguf_scheme
+    from .scheme import gguf_scheme
 
+    method = method_of(method)
     types = plan_types(model, ftype)
     if not types or any(t in ("F32", "F16", "BF16") for t in types.values()):
-        raise SchemeError(f"{ftype} is a float file type: there is nothing for {method} to solve; use method='rtn'")
+        raise SchemeError(f"{ftype} is a float file type: there is nothing for {method.name} to solve; use method='rtn'")
     rules = tuple(Rule(name, gguf_scheme(t), method) for name, t in types.items())
-    gkeys = ("damp", "gptq_block_size", "act_order", "static_groups")
-    g = {k: calib_options.pop(k) for k in gkeys if k in calib_options}
-    gptq = GPTQOptions(g.get("damp", 0.01), g.get("gptq_block_size", 128), g.get("act_order", True),
-                       g.get("static_groups", False))
-    cfg = QuantConfig(gguf_scheme(next(iter(types.values()))), method, "keep", rules, True, gptq,
+    cfg = make_config(gguf_scheme(next(iter(types.values()))), method, "keep", rules, True,
                       bool(calib_options.pop("sequential", False)))
     return quantize(model, cfg, calib=calib, tokenizer=tokenizer, progress=progress, **calib_options)
 
@@ -193,9 +196,14 @@ def prepare_qlora(model, scheme="nf4-b64-dq", r=8, alpha=32, dropout=0.05, targe
     return _prepare(model, scheme, r, alpha, dropout, targets, compute_dtype)
 
 
+# every registered method and transform class under its class name (qk.GPTQ, qk.RTN,
+# qk.SmoothQuant, ...): a new one in algorithms/ needs no line here
+_REGISTERED = {cls.__name__: cls for cls in (*METHODS.values(), *TRANSFORMS.values())}
+globals().update(_REGISTERED)
+
 __all__ = [
     "load", "quantize", "save", "export_gguf", "prepare_qat", "convert", "prepare_qlora", "quantize_for_gguf", "text", "evaluate", "inspect", "parse_scheme", "make_config",
-    "Scheme", "QuantConfig", "Rule", "QuantizedWeight", "quantize_tensor", "dequantize", "storage_bytes",
+    "Scheme", "QuantConfig", "Rule", "Method", "Transform", "METHODS", "TRANSFORMS", *_REGISTERED, "QuantizedWeight", "quantize_tensor", "dequantize", "storage_bytes",
     "GRAMMAR", "QuantkitError", "SchemeError", "SourceError", "DataError",
 ]
 

@@ -1,12 +1,14 @@
-"""Block-by-block calibration: the loop every data-driven method shares.
+"""Block-by-block calibration: the loop every data-driven method shares, as a generator.
 
 1. Run the calibration samples through the model up to the first block and keep its inputs.
-2. For each block in order: with SmoothQuant (`cfg.smooth`), one pass records each Linear
-   input's per-channel absmax and the block is smoothed (algorithms/smoothquant.py). Then for
-   each group of its Linears (all at once, or in sequential groups such as q/k/v -> o ->
-   gate/up -> down), run the block on the inputs while hooks accumulate the statistics each
-   Linear needs (`STATS`: for GPTQ the Hessian 2/n XXᵀ in float64, for static activation
-   schemes an observer of the input range), quantize the group and swap in QuantLinear.
+2. For each block in order: the config's block transforms (SmoothQuant, ...) run on it first
+   (each gets the block's inputs and a way to observe its Linears, see algorithms.base).
+   Then for each group of its Linears (all at once, or in sequential groups such as
+   q/k/v -> o -> gate/up -> down), run the block on the inputs while hooks accumulate the
+   statistics each Linear needs (algorithms.collectors.STATS: for GPTQ the Hessian 2/n XXᵀ
+   in float64, for static activation schemes an observer of the input range), and yield
+   each Linear's name with its statistics. The caller (the pipeline) quantizes it and swaps
+   the module in before asking for the next one: this module never swaps modules.
 3. Run the quantized block to get the next block's inputs, so later blocks see the errors
    of earlier ones.
 Memory stays at about one block's weights plus the activations of the samples.
@@ -19,85 +21,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import algorithms
-from .algorithms.hessian import HessianAccumulator
+from .algorithms.collectors import STATS, AbsMax
 from .arch import blocks_of, family_of
+from .config import QuantConfig
 from .errors import QuantkitError
-from .memory import trim_heap
 from .formats.integer import top_channels
-from .observers import make_observer
-from .pipeline import QuantInfo, linear_weight, swap_quantized
-from .scheme import QuantConfig, Scheme
+from .memory import trim_heap
+from .modules import linear_weight
+from .scheme import Scheme
 
 log = logging.getLogger(__name__)
 
 
-class _Hessian(HessianAccumulator):
-    def result(self):
-        return self.hessian
-
-
-class _Range:
-    """The input range of a static activation scheme, from the scheme's observer (of x / s
-    when SmoothQuant's candidate scales s are given), over the channels that are quantized:
-    a -oN scheme's float channels (`outliers`, indices) are left out."""
-
-    def __init__(self, scheme: Scheme, s: "torch.Tensor | None" = None, outliers: "torch.Tensor | None" = None):
-        self.obs = make_observer(scheme.observer, bits=8, symmetric=scheme.act_symmetric)
-        self.s = s
-        self.outliers = outliers
-        self.keep = None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x if self.s is None else x / self.s
-        if self.outliers is not None:
-            if self.keep is None:
-                self.keep = torch.ones(x.shape[-1], dtype=torch.bool)
-                self.keep[self.outliers.long()] = False
-            x = x[..., self.keep]
-        self.obs.update(x)
-
-    def result(self):
-        return (*self.obs.qparams(), self.outliers)  # (scale, zero or None, float channels or None)
-
-
-class _AbsMax:
-    """Per-input-channel max |x| (SmoothQuant's statistic) and, with `stride`, a sample of input
-    rows for alpha="auto": every stride-th row plus, per batch, the `extremes` rows with the
-    largest |x| (the rare tokens with massive activations decide the ranges, so a strided
-    sample that missed them would choose alpha for a distribution the model does not have)."""
-
-    extremes = 8
-
-    def __init__(self, stride: int | None = None):
-        self.m = None
-        self.stride = stride
-        self.rows: list[torch.Tensor] = []
-
-    def add(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        a = x2.abs().amax(0)
-        self.m = a if self.m is None else torch.maximum(self.m, a)
-        if self.stride:
-            top = x2.abs().amax(1).topk(min(self.extremes, x2.shape[0])).indices
-            keep = torch.zeros(x2.shape[0], dtype=torch.bool)
-            keep[:: self.stride] = True
-            keep[top] = True
-            self.rows.append(x2[keep].clone())
-
-    def result(self):
-        return self.m
-
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.rows)
-
-
-# statistic name -> collector factory (scheme -> object with add(x) and result())
-STATS = {"hessian": lambda scheme, outliers: _Hessian(), "act_range": lambda scheme, outliers: _Range(scheme, None, outliers)}
-
-
-def _collectors(scheme: Scheme, method: str, outliers: "torch.Tensor | None" = None) -> dict:
-    needs = algorithms.get(method).needs | scheme.needs
+def _collectors(scheme: Scheme, method, outliers: "torch.Tensor | None" = None) -> dict:
+    needs = method.needs | scheme.needs
     unknown = needs - STATS.keys()
     if unknown:
         raise QuantkitError(f"no collector for statistics {sorted(unknown)} (needed by {method} / {scheme.name})")
@@ -124,7 +61,7 @@ def _float_channels(block: nn.Module, inputs, todo) -> dict:
     wanted = {rel: sc.act_outliers for rel, sc, _ in todo if sc.act == "static" and sc.act_outliers}
     if not wanted:
         return {}
-    stats = {rel: _AbsMax() for rel in wanted}
+    stats = {rel: AbsMax() for rel in wanted}
     _observe(block, inputs, {rel: [c] for rel, c in stats.items()})
     return {rel: top_channels(stats[rel].result(), n) for rel, n in wanted.items()}
 
@@ -208,41 +145,50 @@ def _groups(block: nn.Module, fam, sequential: bool) -> list[list[str]]:
     return groups if sequential else [[n for g in groups for n in g]]
 
 
-def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: QuantConfig, info: QuantInfo,
-                    batch_size: int = 8, progress: bool = True, loader=None) -> set[str]:
-    """Quantize the Linears inside the model's blocks with calibration; returns their names.
+class _BlockContext:
+    """What a block transform sees of the block being calibrated (algorithms.base.TransformContext)."""
 
-    plans: layer name -> (scheme or None, method), as resolved by the pipeline. `loader`, if
-    given, has `load_into(block, prefix)` and fills a block's weights when it is reached
-    (streaming: the blocks start as meta tensors).
+    def __init__(self, block: nn.Module, prefix: str, family, inputs, plans: dict):
+        self.block, self.prefix, self.family, self.inputs, self._plans = block, prefix, family, inputs, plans
+
+    def observe(self, collectors: dict) -> None:
+        _observe(self.block, self.inputs, collectors)
+
+    def scheme_of(self, rel: str):
+        return self._plans.get(self.prefix + rel, (None, None))[0]
+
+
+def block_statistics(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: QuantConfig,
+                     batch_size: int = 8, progress: bool = True, loader=None):
+    """Yield (layer name, statistics) for every Linear inside the model's blocks that `plans`
+    stores (name -> (scheme or None, method), as the pipeline resolved them), block by block
+    and group by group. Before resuming, the caller puts the quantized module in place: the
+    rest of the block's groups and the next block's inputs are computed with it.
+
+    `loader`, if given, has `load_into(block, prefix)` and fills a block's weights when it is
+    reached (streaming: the blocks start as meta tensors).
     """
     fam = family_of(model)
     blocks = blocks_of(model, fam)
     calib = calib.to(torch.long)
     inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
-    done: set[str] = set()
-    gopts = {"damp": cfg.gptq.damp, "block_size": cfg.gptq.block_size, "act_order": cfg.gptq.act_order,
-             "static_groups": cfg.gptq.static_groups}
-    bar = tqdm(range(len(blocks)), desc=f"{cfg.method} {cfg.scheme.name} blocks", unit="block", disable=not progress)
+    bar = tqdm(range(len(blocks)), desc=f"{cfg.method.name} {cfg.scheme.name} blocks", unit="block", disable=not progress)
     for bi in bar:
         block = blocks[bi]
         prefix = f"{fam.blocks}.{bi}."
         if loader is not None:
             loader.load_into(block, prefix)
-        if cfg.smooth is not None:
-            _smooth(block, fam, inputs, cfg.smooth, plans, prefix)
+        for transform in cfg.transforms:
+            transform.apply(block, _BlockContext(block, prefix, fam, inputs, plans))
         for group in _groups(block, fam, cfg.sequential):
             todo = [(rel, plans.get(prefix + rel, (None, None))) for rel in group]
             todo = [(rel, sc, m) for rel, (sc, m) in todo if sc is not None]
             outl = _float_channels(block, inputs, todo)
             cols = {rel: _collectors(sc, m, outl.get(rel)) for rel, sc, m in todo}
             _observe(block, inputs, _share_hessians(cols, fam))
-            for rel, scheme, method in todo:
+            for rel, _, _ in todo:
                 stats = {k: c.result() for k, c in cols.pop(rel).items()}  # popped: freed once used
-                if "hessian" in stats:
-                    stats["gptq"] = gopts
-                swap_quantized(model, prefix + rel, block.get_submodule(rel), scheme, method, stats, info)
-                done.add(prefix + rel)
+                yield prefix + rel, stats
                 del stats  # this layer's Hessian goes now, not with the group's last layer
             del cols
         with torch.no_grad():  # in place, batch by batch: one set of activations alive, not two
@@ -254,69 +200,3 @@ def quantize_blocks(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qua
                     inputs[i] = (out, kw)
                 del h, out
         trim_heap()  # the block's Hessians and temporaries are freed: give the heap back (glibc keeps it)
-    for name, (sc, _) in plans.items():  # layers kept in high precision are "done" too
-        if name.startswith(fam.blocks + ".") and sc is None:
-            done.add(name)
-    return done
-
-
-SMOOTH_SAMPLE_ROWS = 2048  # input rows per group that alpha="auto" is chosen on
-
-
-def _smooth(block: nn.Module, fam, inputs, alpha, plans: dict, prefix: str) -> None:
-    """SmoothQuant one block: per-channel input absmax of each smoothing group, then fold
-    (alpha a number, or "auto": chosen per group on a sample of the calibration inputs)."""
-    from .algorithms.smoothquant import act_key, candidate_scales, choose_alpha, fold, smooth
-
-    groups = [(prev, [r for r in lins if plans.get(prefix + r, (None,))[0] is not None])
-              for prev, lins in fam.smooth]
-    groups = [(prev, lins) for prev, lins in groups if lins]
-    if not groups:
-        return
-    rows = sum(h.shape[0] * h.shape[1] for h, _ in inputs)
-    stride = max(1, -(-rows // SMOOTH_SAMPLE_ROWS)) if alpha == "auto" else None
-    stats = {lins[0]: _AbsMax(stride) for _, lins in groups}  # the Linears of a group share their input
-    _observe(block, inputs, {rel: [c] for rel, c in stats.items()})
-    found = {}
-    for prev, lins in groups:
-        absmax = stats[lins[0]].result()
-        if absmax is None:
-            raise QuantkitError(f"no calibration inputs reached {prefix}{lins[0]}; SmoothQuant needs its range")
-        found[prev] = (absmax, [linear_weight(block.get_submodule(r)) for r in lins],
-                       [plans[prefix + r][0] for r in lins])
-    if alpha != "auto":
-        for prev, _ in groups:
-            absmax, weights, _ = found[prev]
-            smooth(_producers(block.get_submodule(prev)), weights, absmax, alpha)
-        return
-    # alpha="auto": for each candidate, the static ranges the final observer would choose on
-    # all the calibration inputs divided by that candidate's scales (a second pass), then the
-    # group's output error on the sample decides
-    cands, ranges = {}, {}
-    for prev, lins in groups:
-        absmax, weights, schemes = found[prev]
-        cands[prev] = candidate_scales(absmax, weights)
-        statics = {act_key(sc): sc for sc in schemes if sc.act == "static"}
-        ranges[prev] = {(a, k): _Range(sc, s, top_channels(absmax / s, sc.act_outliers) if sc.act_outliers else None)
-                        for a, s in cands[prev].items() for k, sc in statics.items()}
-    _observe(block, inputs, {lins[0]: list(ranges[prev].values()) for prev, lins in groups if ranges[prev]})
-    for prev, lins in groups:
-        absmax, weights, schemes = found[prev]
-        options = {a: (s, {k: r.result() for (a2, k), r in ranges[prev].items() if a2 == a})
-                   for a, s in cands[prev].items()}
-        a, s = choose_alpha(stats[lins[0]].sample(), weights, schemes, options)
-        log.info("SmoothQuant %s%s: alpha %.1f", prefix, prev, a)
-        fold(_producers(block.get_submodule(prev)), weights, s)
-
-
-def _producers(mod: nn.Module) -> list[torch.Tensor]:
-    """The tensors whose dim 0 indexes `mod`'s output channels (where SmoothQuant folds 1/s)."""
-    w = linear_weight(mod)
-    if w is None:
-        w = getattr(mod, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 1:
-            raise QuantkitError(f"SmoothQuant cannot fold a scale into {type(mod).__name__}")
-    elif type(mod).__name__ == "Conv1D":
-        raise QuantkitError("SmoothQuant folds into norms, or into nn.Linear rows; not into a Conv1D")
-    bias = getattr(mod, "bias", None)
-    return [w.data] + ([bias.data] if isinstance(bias, torch.Tensor) else [])

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from .errors import QuantkitError
-from .scheme import GRAMMAR, HEAD_CHOICES
+from .config import HEAD_CHOICES
+from .scheme import GRAMMAR
 
 MODEL_HELP = "model: alias (smollm2), Hugging Face folder or hub id, .gguf file, or quantkit checkpoint folder"
 
@@ -162,25 +163,22 @@ def _rss_bytes(peak: bool) -> int:
 def cmd_quantize(a):
     import time
 
-    a.method_given = a.method is not None
-    a.method = a.method or "rtn"
-
     from . import load, save
+    from .config import make_config
     from .pipeline import needs_calibration, quantize_model, validate_config
-    from .scheme import GPTQOptions, make_config
 
-    gptq = GPTQOptions(a.damp, a.gptq_block_size, a.act_order, a.static_groups)
     if a.plan:
         from .plan import Plan
 
         plan = Plan.load(a.plan)
-        plan.method = a.method if a.method_given else plan.method
+        method = _method(a, a.method or plan.method)  # --method and its options override the plan's
+        plan.method = method
         base = plan.config()
-        cfg = make_config(base.scheme, plan.method, a.head or plan.head, plan.rules(), a.strict_groups, gptq,
-                          a.sequential, a.smooth)
+        cfg = make_config(base.scheme, method, a.head or plan.head, plan.rules(), a.strict_groups,
+                          a.sequential, _transforms(a))
     elif a.scheme:
-        cfg = make_config(a.scheme, a.method, a.head, strict_groups=a.strict_groups, gptq=gptq,
-                          sequential=a.sequential, smooth=a.smooth)
+        cfg = make_config(a.scheme, _method(a), a.head, strict_groups=a.strict_groups,
+                          sequential=a.sequential, transforms=_transforms(a))
     else:
         raise QuantkitError("give --scheme SCHEME or --plan plan.json")
     validate_config(cfg)
@@ -257,18 +255,18 @@ def cmd_export(a):
     if a.gguf is not None and Path(a.out).suffix.lower() != ".gguf":
         raise QuantkitError(f"--out must name a .gguf file, got {a.out}")
     _out(a, "gguf" if a.gguf is not None else "export")
+    method = _method(a)
     calib = _text(a.calib, "calib") if a.calib and (a.method != "rtn" or a.to is not None) else None
     model, tok = load(a.model, allow_pickle=a.allow_pickle)
     if a.to is not None:
-        return _export_hf(a, model, tok, calib)
+        return _export_hf(a, model, tok, calib, method)
     seconds = None
     if a.method != "rtn":
         t0 = time.perf_counter()
         _guard(model, tok, "keep")
-        model = quantize_for_gguf(model, tok, a.gguf, method=a.method, calib=calib, progress=not a.json,
+        model = quantize_for_gguf(model, tok, a.gguf, method=method, calib=calib, progress=not a.json,
                                   calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed,
-                                  batch_size=a.batch_size, sequential=a.sequential, act_order=a.act_order,
-                                  static_groups=a.static_groups, damp=a.damp, gptq_block_size=a.gptq_block_size)
+                                  batch_size=a.batch_size, sequential=a.sequential)
         seconds = time.perf_counter() - t0
     summary = export_gguf(model, tok, a.out, a.gguf, tokenizer_pre=a.tokenizer_pre, progress=not a.json,
                           overwrite=a.overwrite, protect=[_source_path(a.model)])
@@ -281,7 +279,7 @@ def cmd_export(a):
         print("\n".join(summary.lines()))
 
 
-def _export_hf(a, model, tok, calib):
+def _export_hf(a, model, tok, calib, method):
     """export --to gptq|compressed-tensors: quantize (unless the source already is a quantkit
     checkpoint), measure what the model card reports, write the folder."""
     import time
@@ -301,15 +299,14 @@ def _export_hf(a, model, tok, calib):
         t0 = time.perf_counter()
         if a.method != "rtn":
             _guard(model, tok, "bf16")
-        qm = quantize(model, scheme, method=a.method, calib=calib, tokenizer=tok, progress=not a.json,
+        qm = quantize(model, scheme, method=method, calib=calib, tokenizer=tok, progress=not a.json,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, batch_size=a.batch_size,
-                      sequential=a.sequential, act_order=a.act_order, static_groups=a.static_groups, damp=a.damp,
-                      gptq_block_size=a.gptq_block_size)
+                      sequential=a.sequential)
         seconds = time.perf_counter() - t0
         reference = model
-    from .io.export_hf import EXPORTERS, _uniform_scheme
+    from .io.export_hf import EXPORTERS, uniform_scheme
 
-    sc, g = _uniform_scheme(qm, EXPORTERS[a.to])
+    sc, g = uniform_scheme(qm, EXPORTERS[a.to])
     out = a.out or default_folder(model_name(a.model), a.to, sc, g)
     measured = None
     if a.eval_text:
@@ -366,7 +363,7 @@ def cmd_compare(a, schemes=None, model=None):
     result = compare(model or a.model, schemes or a.schemes, text=text, ctx=a.ctx, max_tokens=a.max_tokens,
                      head=a.head, speed=not a.no_speed, report_dir=a.report, command=" ".join(["quantkit"] + sys.argv[1:]),
                      calib=_text(a.calib, "calib"), calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed,
-                     smooth=a.smooth, allow_pickle=getattr(a, "allow_pickle", False))
+                     transforms=_transforms(a), allow_pickle=getattr(a, "allow_pickle", False))
     if a.json:
         print(to_json(result))
         return
@@ -582,15 +579,106 @@ def cmd_plan(a):
 
 
 # ----------------------------------------------------------------------------- parser
-def _smooth_arg(g):
-    g.add_argument("--smooth", nargs="?", const="0.5", default=None, metavar="ALPHA",
-                   help="SmoothQuant: migrate activation outliers into the weights first; ALPHA in [0, 1] "
-                        "(0.5 if no value) or 'auto' (chosen per layer group on the calibration data)")
+def _option_type(f):
+    t = str(f.type)
+    if t == "float":
+        return _number(float)
+    if t == "int":
+        return _number(int)
+    return str
+
+
+def _option_args(g, registry: dict, names=None) -> None:
+    """One flag per option field of each method / transform class in `registry` (those named
+    in `names`, default all) that declares one (`field(metadata={"flag": ..., "help": ...})`):
+    a bool True by default gets --no-FLAG, a False one --FLAG; a transform's flag with `const`
+    turns the transform on. Values are checked by the class itself (its __post_init__)."""
+    from dataclasses import MISSING, fields
+
+    for cls in registry.values():
+        if names is not None and cls.name not in names:
+            continue
+        for f in fields(cls):
+            flag, help_ = f.metadata.get("flag"), f.metadata.get("help", "")
+            if not flag:
+                continue
+            dest = f"opt__{cls.name}__{f.name}"
+            where = f"{cls.name}: " if not f.metadata.get("enables") else ""
+            if f.default is True:
+                g.add_argument("--no-" + flag[2:], dest=dest, action="store_const", const=False, default=None,
+                               help=f"{where}{help_} (default on)")
+            elif f.default is False:
+                g.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=f"{where}{help_}")
+            elif f.metadata.get("enables"):
+                g.add_argument(flag, dest=dest, nargs="?", const=str(f.default), default=None, metavar=f.name.upper(),
+                               help=f"{cls.summary}; {help_} ({f.default} if no value)")
+            else:
+                default = "" if f.default is MISSING else f" (default {f.default})"
+                g.add_argument(flag, dest=dest, type=_option_type(f), default=None, metavar=f.name.upper(),
+                               help=f"{where}{help_}{default}")
+
+
+def _given_options(a, name: str) -> dict:
+    prefix = f"opt__{name}__"
+    return {k[len(prefix):]: v for k, v in vars(a).items() if k.startswith(prefix) and v is not None}
+
+
+def _flags(cls, opts: dict) -> dict[str, str]:
+    """field name -> the flag it was given with (--no-act-order for act_order=False)."""
+    from dataclasses import fields
+
+    out = {}
+    for f in fields(cls) if cls is not None else ():
+        if f.name in opts and f.metadata.get("flag"):
+            flag = f.metadata["flag"]
+            out[f.name] = "--no-" + flag[2:] if f.default is True else flag
+    return out
+
+
+def _build(cls, opts: dict, make):
+    """`make()` (the instance the options describe); a value its class refuses is one error
+    naming the flag it came from."""
+    try:
+        return make()
+    except (QuantkitError, ValueError, TypeError) as e:
+        flags = _flags(cls, opts)
+        named = [fl for n, fl in flags.items() if n.replace("_", " ") in str(e) or n in str(e)] or list(flags.values())
+        raise QuantkitError(f"{', '.join(named)}: {e}" if named else str(e)) from None
+
+
+def _method(a, name=None):
+    """The method instance the flags ask for: --method NAME (default rtn, or llm-int8 for
+    --scheme llm-int8 when None) with its options; an option of another method is refused."""
+    from .algorithms import METHODS, method_of
+
+    name = name if name is not None else getattr(a, "method", None)
+    for other, cls in METHODS.items():
+        if other != name and _given_options(a, other):
+            flags = ", ".join(_flags(cls, _given_options(a, other)).values())
+            raise QuantkitError(f"{flags}: option(s) of method {other}, not of {name or 'rtn'} (add --method {other})")
+    if name is None:
+        return None
+    opts = _given_options(a, name)
+    return _build(METHODS.get(name), opts, lambda: method_of({"name": name, "options": opts}))
+
+
+def _transforms(a) -> tuple:
+    """The block transforms whose enabling flag was given (--smooth [ALPHA] for SmoothQuant)."""
+    from dataclasses import fields
+
+    from .algorithms import TRANSFORMS, transform_of
+
+    out = []
+    for name, cls in TRANSFORMS.items():
+        opts = _given_options(a, name)
+        if any(f.metadata.get("enables") and f.name in opts for f in fields(cls)):
+            out.append(_build(cls, opts, lambda: transform_of({"name": name, "options": opts})))
+    return tuple(out)
 
 
 def _calibration_args(p, gptq=True):
     """--calib and its sampling options; with gptq, the GPTQ solver's options too."""
-    g = p.add_argument_group("calibration (gptq, w8a8-static-*, --smooth)" if gptq else "calibration (w8a8-static-*, --smooth)")
+    g = p.add_argument_group("calibration (gptq, w8a8-static-*, transforms)" if gptq else "calibration (w8a8-static-*, transforms)")
     g.add_argument("--calib", help="calibration text file (its last-quarter articles are used) or hf:NAME; "
                                   "without it the model calibrates on text it generates itself")
     g.add_argument("--calib-samples", type=POS_INT, default=128, help="number of samples (default 128)")
@@ -600,12 +688,16 @@ def _calibration_args(p, gptq=True):
         return g
     g.add_argument("--batch-size", type=POS_INT, default=8, help="samples per forward pass")
     g.add_argument("--sequential", action="store_true", help="quantize a block's Linears in sequential groups (q/k/v, o, gate/up, down)")
-    g.add_argument("--no-act-order", dest="act_order", action="store_false",
-                   help="GPTQ: columns in their natural order (default: descending Hessian diagonal, act-order)")
-    g.add_argument("--static-groups", action="store_true", help="GPTQ with --act-order: choose group scales up front")
-    g.add_argument("--damp", type=_number(float, 0, high=0.999999), default=0.01, help="GPTQ dampening, fraction of the mean Hessian diagonal")
-    g.add_argument("--gptq-block-size", type=POS_INT, default=128, help="GPTQ lazy-batch width (default 128)")
+    from .algorithms import METHODS
+
+    _option_args(g, METHODS)
     return g
+
+
+def _transform_args(g):
+    from .algorithms import TRANSFORMS
+
+    _option_args(g, TRANSFORMS)
 
 
 def _pickle_arg(p):
@@ -654,30 +746,36 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .algorithms import METHODS
+
     p = _Parser(prog="quantkit", description="Quantize models and measure size, quality and speed.",
                                 epilog=f"scheme grammar: {GRAMMAR}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     m = sub.add_parser("models", help="list or fetch the built-in models")
     m.add_argument("action", choices=["list", "fetch"])
     m.add_argument("name", nargs="?", default="smollm2")
     m.set_defaults(fn=cmd_models)
 
-    i = sub.add_parser("inspect", help="parameters, dtypes, memory, disk, breakdown, size under each scheme")
+    i = sub.add_parser("inspect", help="what a model holds, and its size under each scheme",
+                       description="Parameters, dtypes, memory, disk, the role breakdown and the size under each scheme.")
     i.add_argument("model", help=MODEL_HELP)
     _pickle_arg(i)
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
-    q = sub.add_parser("quantize", help="quantize a model and save it in quantkit's safetensors layout")
+    q = sub.add_parser("quantize", help="quantize a model and save a quantkit checkpoint",
+                       description="Quantize MODEL with a method (rtn, gptq, ...) and save it in quantkit's safetensors layout.")
     q.add_argument("model", help=MODEL_HELP)
     _pickle_arg(q)
     q.add_argument("--scheme", help=f"one of: {GRAMMAR} (or --plan)")
     q.add_argument("--plan", help="per-layer schemes from quantkit plan (plan.json); --method overrides the plan's")
     q.add_argument("--dry-run", action="store_true", help="print the exact size of the output and estimates of the "
                                                            "quantization time and peak memory (from a short probe); write nothing")
-    q.add_argument("--method", default=None, help="rtn (default), llm-int8 or gptq")
+    q.add_argument("--method", default=None, choices=sorted(METHODS),
+                   help="how values are chosen: " + "; ".join(f"{n}: {c.summary}" for n, c in sorted(METHODS.items()))
+                        + " (default rtn)")
     q.add_argument("--head", default=None, choices=HEAD_CHOICES,
                    help="storage of embeddings and output head (default bf16; tied weights stay tied)")
     q.add_argument("--strict-groups", action="store_true",
@@ -685,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder (written atomically)")
     _overwrite_arg(q)
     g = _calibration_args(q)
-    _smooth_arg(g)
+    _transform_args(g)
     g.add_argument("--offload-dir", help="stream: keep the float weights on disk and load one block at a time "
                                         "(non-safetensors sources are expanded there once)")
     q.add_argument("--json", action="store_true")
@@ -693,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .io.ggml_mix import FTYPES
 
-    x = sub.add_parser("export", help="write a GGUF file (llama.cpp) or a GPTQ / compressed-tensors folder (transformers, vLLM)",
+    x = sub.add_parser("export", help="write GGUF (llama.cpp), GPTQ or compressed-tensors",
                        description="--gguf TYPE: write MODEL as a GGUF file. Float weights are rounded with llama.cpp's "
                                    "reference rounding (K-quant mixes follow llama.cpp's per-tensor rules), or with --method "
                                    "gptq solved onto the same block types; a quantkit checkpoint whose grid the type holds "
@@ -716,13 +814,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "written atomically")
     _overwrite_arg(x)
     x.add_argument("--tokenizer-pre", help="llama.cpp pre-tokenizer name, when it cannot be told from the source")
-    x.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+    x.add_argument("--method", default="rtn", choices=[n for n, c in METHODS.items() if not c.kinds or "ggml" in c.kinds],
                    help="rtn: llama.cpp's rounding; gptq: solve each Linear onto its GGUF block grid (needs calibration)")
     _calibration_args(x)
     x.add_argument("--json", action="store_true")
     x.set_defaults(fn=cmd_export)
 
-    e = sub.add_parser("eval", help="perplexity, KLD and top-1 vs a reference, sizes, decode speed")
+    e = sub.add_parser("eval", help="perplexity, KLD, top-1 vs a reference, size, speed",
+                       description="Perplexity, KL divergence and top-1 agreement against a reference, sizes, decode speed.")
     e.add_argument("model", help=MODEL_HELP)
     _pickle_arg(e)
     e.add_argument("--text", help="text file (its evaluation part is used) or hf:NAME[:CONFIG][:SPLIT]")
@@ -733,9 +832,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
-    for name, helptext in (("compare", "quantize, save, reload, evaluate and time several schemes side by side"),
-                           ("demo", "compare on the built-in smollm2 model (fetched on first use), fully offline")):
-        c = sub.add_parser(name, help=helptext)
+    for name, helptext, desc in (
+            ("compare", "quantize, reload, evaluate several schemes side by side",
+             "Quantize, save, reload, evaluate and time several schemes side by side."),
+            ("demo", "compare on the built-in smollm2 model, offline",
+             "compare on the built-in smollm2 model (fetched on first use), fully offline.")):
+        c = sub.add_parser(name, help=helptext, description=desc)
         if name == "compare":
             c.add_argument("model", help=MODEL_HELP)
             _pickle_arg(c)
@@ -747,13 +849,13 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--ctx", type=_number(int, 2), default=512)
         c.add_argument("--head", default=None, choices=HEAD_CHOICES, help="storage of embeddings and output head")
         c.add_argument("--no-speed", action="store_true", help="skip decode timing")
-        _smooth_arg(_calibration_args(c, gptq=False))
+        _transform_args(_calibration_args(c, gptq=False))
         c.add_argument("--report", default=None if name == "compare" else "reports/demo",
                        help="folder for report.md, report.html (self-contained), results.json and PNG plots")
         _overwrite_arg(c)
         c.add_argument("--json", action="store_true")
         c.set_defaults(fn=cmd_demo if name == "demo" else cmd_compare)
-    t = sub.add_parser("qat", help="quantization-aware training: fake-quantize, train on text, convert, save",
+    t = sub.add_parser("qat", help="quantization-aware training, then convert and save",
                        description="Train MODEL with its Linears fake-quantized to SCHEME (straight-through gradients), "
                                    "then convert to real quantized layers; writes OUT/model (a quantkit checkpoint).")
     t.add_argument("model", help=MODEL_HELP)
@@ -764,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_args(t, lr=2e-5, steps=60)
     t.set_defaults(fn=cmd_qat)
 
-    f = sub.add_parser("finetune", help="QLoRA: LoRA adapters over a frozen 4-bit (NF4) base, saved in PEFT's layout",
+    f = sub.add_parser("finetune", help="QLoRA: LoRA adapters over a frozen NF4 base (PEFT)",
                        description="Quantize MODEL to SCHEME (NF4 blocks of 64 with double quantization by default), train "
                                    "LoRA adapters on text, write OUT/adapter (peft loads it) and, with --merge, OUT/merged.")
     f.add_argument("model", help=MODEL_HELP)
@@ -793,7 +895,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--batch-size", type=POS_INT, default=4, help="samples per forward pass")
         p.add_argument("--json", action="store_true")
 
-    sn = sub.add_parser("sensitivity", help="damage (KL vs the float model) of quantizing each layer alone, per scheme")
+    sn = sub.add_parser("sensitivity", help="damage of quantizing each layer alone, per scheme",
+                        description="The damage (KL divergence vs the float model) of quantizing each layer alone, per scheme.")
     _plan_common(sn)
     sn.add_argument("--out", help="write the measurements as JSON (reusable by plan --sensitivity)")
     sn.add_argument("--report", help="folder for sensitivity.png (heat map)")
@@ -803,7 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also compute the cheap Hessian-weighted proxy and its rank correlation with the measured damage")
     sn.set_defaults(fn=cmd_sensitivity)
 
-    pl = sub.add_parser("plan", help="one scheme per layer: least damage under a size budget, or smallest size for a target",
+    pl = sub.add_parser("plan", help="a scheme per layer under a size budget or quality target",
                         description="Choose a scheme per layer from --schemes: the least predicted damage within --budget "
                                     "(exact knapsack), or the smallest plan whose measured KL / perplexity increase meets "
                                     "--max-kld / --max-ppl-increase. Apply it with quantkit quantize MODEL --plan FILE.")
@@ -813,7 +916,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-ppl-increase", type=_percent, help="perplexity increase allowed, measured, e.g. 1%% or 0.01")
     pl.add_argument("--sensitivity", help="reuse measurements written by quantkit sensitivity --out")
     pl.add_argument("--proxy", action="store_true", help="plan on the cheap Hessian-weighted proxy instead of measured KL")
-    pl.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="method the plan is applied with")
+    pl.add_argument("--method", default="rtn", choices=[n for n, c in METHODS.items() if not c.kinds or "int" in c.kinds],
+                    help="method the plan is applied with")
     pl.add_argument("--head", default=None, choices=HEAD_CHOICES,
                     help="pin the storage of embeddings and output head (default: planned, bf16 or int8, with the layers)")
     pl.add_argument("--dry-run", action="store_true", help="with --budget: print the plan's exact size and the estimated time "

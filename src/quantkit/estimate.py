@@ -32,9 +32,11 @@ import torch
 from torch import nn
 
 from .memory import rss_bytes
-from .pipeline import (QuantInfo, _set_module, head_modules, linear_weight, needs_calibration, resolve_layer,
-                       swap_quantized, validate_config)
-from .scheme import QuantConfig, parse_scheme
+from .algorithms import method_of
+from .config import QuantConfig
+from .modules import head_modules, head_scheme, iter_targets, linear_weight, set_module
+from .pipeline import QuantInfo, needs_calibration, quantize_calibrated, swap_quantized, validate_config
+from .scheme import parse_scheme
 
 
 @dataclass
@@ -56,17 +58,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def _targets(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, tuple[int, int], object, str]]:
-    _, out_name, _ = head_modules(model)
-    out = []
-    for n, m in model.named_modules():
-        w = linear_weight(m)
-        if w is None or n == out_name:
-            continue
-        scheme, method, _ = resolve_layer(n, tuple(w.shape), cfg)
-        if scheme is not None:
-            out.append((n, tuple(w.shape), scheme, method))
-    return out
+def _targets(model: nn.Module, cfg: QuantConfig) -> list[tuple[str, tuple[int, int], object, object]]:
+    """(name, shape, scheme, method) of every layer `cfg` stores quantized."""
+    return [(t.name, t.shape, t.scheme, t.method) for t in iter_targets(model, cfg) if t.scheme is not None]
 
 
 SAMPLES = 8  # real layers timed per distinct kind (the median is used)
@@ -102,20 +96,19 @@ def _probe_layers(model, targets, cfg) -> tuple[float, int]:
 def _probe_blocks(model, cfg, targets, calib, batch_size, k) -> float:
     """Run the calibrated block walk on copies of the first k blocks; returns its seconds."""
     from .arch import blocks_of, family_of
-    from .calibrate import quantize_blocks
 
     fam = family_of(model)
     original = blocks_of(model, fam)
     copies = nn.ModuleList([copy.deepcopy(b) for b in list(original)[:k]])
     plans = {n: (sc, m) for n, _, sc, m in targets
              if n.startswith(fam.blocks + ".") and int(n[len(fam.blocks) + 1:].split(".")[0]) < k}
-    _set_module(model, fam.blocks, copies)
+    set_module(model, fam.blocks, copies)
     try:
         t0 = time.perf_counter()
-        quantize_blocks(model, plans, calib, cfg, QuantInfo(cfg), batch_size=batch_size, progress=False)
+        quantize_calibrated(model, plans, calib, cfg, QuantInfo(cfg), batch_size=batch_size, progress=False)
         return time.perf_counter() - t0
     finally:
-        _set_module(model, fam.blocks, original)
+        set_module(model, fam.blocks, original)
         del copies
 
 
@@ -127,7 +120,6 @@ def estimate_quantize(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | 
     from .formats import storage_bytes
     from .io.checkpoint import expected_weights_bytes
     from .memory import file_backed
-    from .pipeline import _head_scheme
 
     validate_config(cfg)
     t_start = time.perf_counter()
@@ -145,7 +137,7 @@ def estimate_quantize(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | 
               if getattr(model.get_submodule(n), "weight", None) is not None]
     anon = [not fb for fb in file_backed([w for w in weights.values()] + head_w)]
     freed = sum(w.numel() * w.element_size() for w, a in zip(list(weights.values()) + head_w, anon) if a)
-    head_store = sum(storage_bytes(_head_scheme(cfg.head, w.dtype), tuple(w.shape)) for w in head_w[:1 if tied else 2])
+    head_store = sum(storage_bytes(head_scheme(cfg.head, w.dtype), tuple(w.shape)) for w in head_w[:1 if tied else 2])
     stored = sum(storage_bytes(sc, shape) for _, shape, sc, _ in targets)
     largest = max((s[0] * s[1] for _, s, _, _ in targets), default=0) * 4
     if needs_calibration(cfg):
@@ -163,7 +155,8 @@ def estimate_quantize(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | 
         outside = [t for t in targets if not t[0].startswith(fam.blocks + ".")]
         # outside the blocks the pipeline uses rtn (and per-token activations for static schemes), as here;
         # the buffers' size depends on the weight scheme and kernel, not the method: measured with rtn
-        data_free = [(n, s, parse_scheme("w8a8-dynamic") if sc.needs else sc, "rtn") for n, s, sc, _ in targets]
+        rtn = method_of("rtn")
+        data_free = [(n, s, parse_scheme("w8a8-dynamic") if sc.needs else sc, rtn) for n, s, sc, _ in targets]
         out_s = _probe_layers(model, [t for t in data_free if t[0] in {o[0] for o in outside}], cfg)[0] if outside else 0.0
         _, bufs = _probe_layers(model, data_free, cfg)
         seconds = n_blocks * per_block + out_s
@@ -174,7 +167,7 @@ def estimate_quantize(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | 
         from .formats import quantize as quantize_tensor
 
         t0 = time.perf_counter()
-        quantize_tensor(head_w[0].detach(), _head_scheme(cfg.head, head_w[0].dtype))
+        quantize_tensor(head_w[0].detach(), head_scheme(cfg.head, head_w[0].dtype))
         seconds += time.perf_counter() - t0
     after_quant = loaded + bufs + head_store - freed
     peak = max(load_peak, loaded + transient, after_quant + transient, after_quant + stored + 2 * size)

@@ -35,8 +35,10 @@ from .arch import blocks_of, family_of
 from .errors import QuantkitError, SchemeError
 from .formats import quantize, storage_bytes
 from .nn import QuantLinear
-from .pipeline import QuantInfo, _head_scheme, _quantize_head, _set_module, head_modules, linear_weight
-from .scheme import QuantConfig, Rule, Scheme, make_config, parse_scheme
+from .modules import head_modules, head_scheme, linear_weight, set_module
+from .pipeline import QuantInfo, quantize_head
+from .config import QuantConfig, Rule, make_config
+from .scheme import Scheme, parse_scheme
 
 log = logging.getLogger(__name__)
 PLAN_FORMAT = "quantkit-plan/1"
@@ -149,7 +151,7 @@ def head_bytes(model: nn.Module, storage: str) -> int:
             continue
         m = model.get_submodule(name)
         w = linear_weight(m) if linear_weight(m) is not None else m.weight
-        total += storage_bytes(_head_scheme(storage, w.dtype), tuple(w.shape))
+        total += storage_bytes(head_scheme(storage, w.dtype), tuple(w.shape))
     return total
 
 
@@ -162,17 +164,17 @@ def _measure_head(model, ids, batch_size, ref, options) -> dict[str, float]:
     out = {}
     try:
         for opt in options:
-            _quantize_head(model, make_config("fp32", head=opt), QuantInfo(make_config("fp32")), emb_name, out_name, tied)
+            quantize_head(model, make_config("fp32", head=opt), QuantInfo(make_config("fp32")), emb_name, out_name, tied)
             total = 0.0
             with torch.no_grad():
                 for k, i in enumerate(range(0, ids.shape[0], batch_size)):
                     total += _kl(ref[k], model(input_ids=ids[i:i + batch_size], use_cache=False).logits)
             out[opt] = total / ids.numel()
             for n, m in saved.items():
-                _set_module(model, n, m)
+                set_module(model, n, m)
     finally:
         for n, m in saved.items():
-            _set_module(model, n, m)
+            set_module(model, n, m)
     return out
 
 
@@ -214,7 +216,7 @@ def measure_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_si
                         sens.kld[name][sc.name] = math.inf
                         bar.update(1)
                         continue
-                    _set_module(model, name, QuantLinear(quantize(w, fitted), getattr(mod, "bias", None), kernel="dequant"))
+                    set_module(model, name, QuantLinear(quantize(w, fitted), getattr(mod, "bias", None), kernel="dequant"))
                     total = 0.0
                     with torch.no_grad():
                         for k, i in enumerate(range(0, ids.shape[0], batch_size)):
@@ -225,7 +227,7 @@ def measure_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_si
                     sens.kld[name][sc.name] = total / ids.numel()
                     bar.update(1)
             finally:
-                _set_module(model, name, mod)
+                set_module(model, name, mod)
                 for i in range(b):
                     blocks[i] = originals[i]
     finally:
@@ -289,7 +291,7 @@ class Plan:
         return out
 
     def to_json(self) -> str:
-        return json.dumps({"format": PLAN_FORMAT, "method": self.method, "head": self.head,
+        return json.dumps({"format": PLAN_FORMAT, "method": getattr(self.method, "name", self.method), "head": self.head,
                            "budget_bytes": self.budget_bytes, "size_bytes": self.size_bytes,
                            "predicted_kld": self.predicted_kld, "measured": self.measured,
                            "counts": self.counts(), "layers": self.layer_choice()}, indent=1)
@@ -523,7 +525,7 @@ def proxy_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_size
         w = linear_weight(out_mod).detach().float()
         H = acc.pop(HEAD).hessian.float()
         for opt in HEAD_OPTIONS:
-            dw = quantize(w, _head_scheme(opt, linear_weight(out_mod).dtype)).dequantize() - w
+            dw = quantize(w, head_scheme(opt, linear_weight(out_mod).dtype)).dequantize() - w
             sens.head[opt] = float(((dw @ H) * dw).sum() / 2)
             sens.head_bytes[opt] = head_bytes(model, opt)
     for name, mod in tqdm(names, desc="proxy", unit="layer", disable=not progress):

@@ -3,15 +3,20 @@ handles dead columns, is deterministic and stores exactly what RTN of the same s
 import pytest
 import torch
 
-from quantkit.algorithms import ALGORITHMS, get
+from quantkit.algorithms import GPTQ, METHODS, method_of
 from gptq_reference import gptq_reference
 from quantkit.algorithms.gptq import gptq
 from quantkit.errors import QuantkitError, SchemeError
 from quantkit.formats import quantize
 from quantkit.formats.integer import int_codes
-from quantkit.scheme import GPTQOptions, parse_scheme
+from quantkit.scheme import parse_scheme
 
 OUT, IN, N = 64, 256, 2048
+
+
+def run(w, sc, h, opts):
+    """GPTQ with options `opts` (a dict of GPTQ's fields) on w [out, in] with Hessian h."""
+    return GPTQ.from_options(opts).quantize(w, sc, {"hessian": h})
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def test_lower_output_error_than_rtn(layer, name, opts):
     w, x, h = layer
     sc = parse_scheme(name)
     e_rtn = out_err(w, x, quantize(w, sc))
-    e_gptq = out_err(w, x, gptq(w, sc, {"hessian": h, "gptq": opts}))
+    e_gptq = out_err(w, x, run(w, sc, h, opts))
     assert e_gptq < 0.8 * e_rtn, (name, opts, e_gptq / e_rtn)
 
 
@@ -70,7 +75,7 @@ def ref_err(w, x, ref) -> float:
 def test_one_block_equals_reference_algorithm(layer, name):
     w, x, h = layer
     sc = parse_scheme(name)
-    fast = gptq(w, sc, {"hessian": h, "gptq": {"block_size": IN, "act_order": False}})
+    fast = run(w, sc, h, {"block_size": IN, "act_order": False})
     ref = reference(w, h, sc)
     # float32 updates against float64 ones: the same grid points up to rounding ties
     assert agreement(fast, ref) > 0.999, agreement(fast, ref)
@@ -81,7 +86,7 @@ def test_reference_sees_a_wrong_dampening(layer):
     # the comparison above is sharp enough to catch a damping mistake of 2x
     w, x, h = layer
     sc = parse_scheme("int4-g64")
-    fast = gptq(w, sc, {"hessian": h, "gptq": {"block_size": IN, "act_order": False}})
+    fast = run(w, sc, h, {"block_size": IN, "act_order": False})
     assert agreement(fast, reference(w, h, sc, damp=0.02)) < 0.9
 
 
@@ -91,7 +96,7 @@ def test_lazy_batches_match_reference(layer, name, block_size):
     # block sizes that do and do not align with the groups
     w, x, h = layer
     sc = parse_scheme(name)
-    fast = gptq(w, sc, {"hessian": h, "gptq": {"block_size": block_size, "act_order": False}})
+    fast = run(w, sc, h, {"block_size": block_size, "act_order": False})
     ref = reference(w, h, sc)
     assert agreement(fast, ref) > 0.999
     assert (fast.dequantize().double() - ref).abs().max() <= 2 * fast.tensors["scale"].float().max()
@@ -102,8 +107,8 @@ def test_lazy_batches_match_reference(layer, name, block_size):
 def test_act_order_independent_of_block_size(layer, static):
     w, x, h = layer
     sc = parse_scheme("int3-g32")
-    a = gptq(w, sc, {"hessian": h, "gptq": {"act_order": True, "static_groups": static, "block_size": IN}})
-    b = gptq(w, sc, {"hessian": h, "gptq": {"act_order": True, "static_groups": static, "block_size": 33}})
+    a = run(w, sc, h, {"act_order": True, "static_groups": static, "block_size": IN})
+    b = run(w, sc, h, {"act_order": True, "static_groups": static, "block_size": 33})
     assert float((codes(a) == codes(b)).float().mean()) > 0.999
 
 
@@ -113,7 +118,7 @@ def test_identity_hessian_is_rtn(layer):
     h = 2.0 * torch.eye(IN, dtype=torch.float64)
     for name in ["int4-g32", "int3", "int8", "int2-g64-sym"]:
         sc = parse_scheme(name)
-        q, r = gptq(w, sc, {"hessian": h, "gptq": {"act_order": True}}), quantize(w, sc)
+        q, r = run(w, sc, h, {"act_order": True}), quantize(w, sc)
         for k in r.tensors:
             assert torch.equal(q.tensors[k], r.tensors[k]), (name, k)
 
@@ -126,7 +131,7 @@ def test_dead_columns_dequantize_to_zero(layer, opts):
     x[:, dead] = 0.0
     h = 2.0 / N * (x.double().T @ x.double())
     for name in ["int4-g32", "int4-g32-sym", "int8"]:
-        qw = gptq(w, parse_scheme(name), {"hessian": h, "gptq": opts})
+        qw = run(w, parse_scheme(name), h, opts)
         d = qw.dequantize()
         assert torch.isfinite(d).all()
         assert torch.isfinite(qw.tensors["scale"].float()).all()
@@ -137,8 +142,8 @@ def test_dead_columns_dequantize_to_zero(layer, opts):
 def test_deterministic(layer):
     w, _, h = layer
     for name, opts in [("int4-g32", {}), ("int3-g32-sym", {"act_order": True}), ("int8", {"block_size": 32})]:
-        a = gptq(w, parse_scheme(name), {"hessian": h, "gptq": opts})
-        b = gptq(w, parse_scheme(name), {"hessian": h, "gptq": opts})
+        a = run(w, parse_scheme(name), h, opts)
+        b = run(w, parse_scheme(name), h, opts)
         for k in a.tensors:
             assert torch.equal(a.tensors[k], b.tensors[k])
 
@@ -148,7 +153,7 @@ def test_deterministic(layer):
 def test_same_layout_as_rtn(layer, name):
     w, _, h = layer
     sc = parse_scheme(name)
-    q = get("gptq").fn(w, sc, {"hessian": h, "gptq": {"act_order": True}})
+    q = method_of("gptq").quantize(w, sc, {"hessian": h})
     r = quantize(w, sc)
     assert q.scheme == r.scheme and q.shape == r.shape
     assert q.tensors.keys() == r.tensors.keys()
@@ -159,8 +164,10 @@ def test_same_layout_as_rtn(layer, name):
 
 
 def test_registered():
-    alg = ALGORITHMS["gptq"]
-    assert alg.fn is gptq and alg.needs == frozenset({"hessian"}) and alg.kinds == frozenset({"int", "ggml"})
+    alg = method_of("gptq")
+    assert METHODS["gptq"] is GPTQ and alg == GPTQ() and alg.needs == frozenset({"hessian"})
+    assert alg.kinds == frozenset({"int", "ggml"}) and alg.options() == {
+        "damp": 0.01, "block_size": 128, "act_order": True, "static_groups": False}
     alg.check(parse_scheme("int4-g128"))
     with pytest.raises(SchemeError, match="cannot produce"):
         alg.check(parse_scheme("nf4"))
@@ -169,27 +176,29 @@ def test_registered():
 def test_errors(layer):
     w, _, h = layer
     sc = parse_scheme("int4-g32")
-    for stats in ({}, {"gptq": {}}, None):
+    for stats in ({}, {"other": 1}, None):
         with pytest.raises(QuantkitError, match="needs calibration data"):
-            gptq(w, sc, stats)
-    with pytest.raises(SchemeError, match="unknown GPTQ option"):
-        gptq(w, sc, {"hessian": h, "gptq": {"blocksize": 64}})
-    with pytest.raises(SchemeError, match="damp"):
-        gptq(w, sc, {"hessian": h, "gptq": {"damp": -1}})
+            GPTQ().quantize(w, sc, stats)
+    with pytest.raises(SchemeError, match="unknown option.*blocksize.*gptq"):
+        run(w, sc, h, {"blocksize": 64})
+    for bad in ({"damp": -1}, {"damp": 1.0}, {"damp": "0.1"}, {"block_size": 0}, {"block_size": 2.5},
+                {"act_order": "yes"}):
+        with pytest.raises(SchemeError, match=next(iter(bad)).replace("_", ".")):
+            run(w, sc, h, bad)
     with pytest.raises(QuantkitError, match="expected"):
         gptq(w, sc, {"hessian": h[:10, :10]})
     with pytest.raises(SchemeError, match="integer"):
         gptq(w, parse_scheme("nf4"), {"hessian": h})
     singular = torch.ones(IN, IN, dtype=torch.float64)  # rank 1, diagonal non-zero
     with pytest.raises(QuantkitError, match="raise damp"):
-        gptq(w, sc, {"hessian": singular, "gptq": {"damp": 0.0}})
+        run(w, sc, singular, {"damp": 0.0})
 
 
 def test_options_object_and_bf16_weight(layer):
     w, x, h = layer
     sc = parse_scheme("int4-g32")
-    a = gptq(w, sc, {"hessian": h, "gptq": GPTQOptions(block_size=64)})
-    b = gptq(w, sc, {"hessian": h, "gptq": {"block_size": 64}})
+    a = GPTQ(block_size=64).quantize(w, sc, {"hessian": h})
+    b = run(w, sc, h, {"block_size": 64})
     assert torch.equal(a.tensors["qweight"], b.tensors["qweight"])
     wb = w.to(torch.bfloat16)
     qb = gptq(wb, sc, {"hessian": h.float()})  # any float dtypes in
@@ -211,7 +220,7 @@ def test_gguf_grids_lower_output_error_than_rtn(name, act_order):
     H = (2.0 / x.shape[0]) * (x.T.double() @ x.double())
     s = parse_scheme(name)
     rtn = quantize(w, s)
-    gq = gptq(w, s, {"hessian": H, "gptq": {"act_order": act_order}})
+    gq = run(w, s, H, {"act_order": act_order})
     assert gq.tensors["qweight"].shape == rtn.tensors["qweight"].shape
     ref = gguf.quants.dequantize(gq.tensors["qweight"].numpy(), gguf.GGMLQuantizationType[s.fp_format])
     assert torch.equal(torch.from_numpy(ref).reshape(out, inn), gq.dequantize())

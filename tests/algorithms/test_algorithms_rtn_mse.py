@@ -3,7 +3,7 @@ and the same choice as a slow search written group by group."""
 import pytest
 import torch
 
-from quantkit.algorithms import get
+from quantkit.algorithms import method_of
 from quantkit.errors import SchemeError
 from quantkit.formats import quantize
 from quantkit.scheme import parse_scheme
@@ -25,7 +25,7 @@ def group_err(w, qw, L):
 @pytest.mark.parametrize("name", SCHEMES)
 def test_never_worse_than_rtn_and_better_overall(name):
     w, sc = weights(), parse_scheme(name)
-    m, r = get("rtn-mse").fn(w, sc, {}), quantize(w, sc)
+    m, r = method_of("rtn-mse").quantize(w, sc, {}), quantize(w, sc)
     L = w.shape[1] if not sc.grouped else sc.group_size
     if sc.group_size == 0:
         assert float((w - m.dequantize()).pow(2).sum()) <= float((w - r.dequantize()).pow(2).sum())
@@ -60,7 +60,7 @@ def _slow(w, bits, L):
 
 def test_matches_a_slow_group_by_group_search():
     w = weights(1)[:8, :128]
-    m = get("rtn-mse").fn(w, parse_scheme("int4-g32-sym"), {})
+    m = method_of("rtn-mse").quantize(w, parse_scheme("int4-g32-sym"), {})
     slow = _slow(w, 4, 32)
     assert float((m.dequantize() - slow).abs().max()) < 1e-2 * float(w.abs().max())
     assert float((m.dequantize() == slow).float().mean()) > 0.98
@@ -68,4 +68,4 @@ def test_matches_a_slow_group_by_group_search():
 
 def test_only_integer_schemes():
     with pytest.raises(SchemeError):
-        get("rtn-mse").check(parse_scheme("nf4"))
+        method_of("rtn-mse").check(parse_scheme("nf4"))

@@ -7,7 +7,7 @@ import quantkit as qk
 from quantkit.evaluate.inspect import INSPECT_SCHEMES, inspect_model
 from quantkit.io.checkpoint import load_checkpoint
 from quantkit.nn import QuantEmbedding
-from quantkit.scheme import HEAD_CHOICES
+from quantkit.config import HEAD_CHOICES
 
 V, H = 256, 64
 

@@ -112,13 +112,13 @@ def test_w8a8_static_with_smoothquant_and_dynamic(smol, windows, reference, wiki
     calib = calib_samples(tok, qk.text(wikitext_path, split="calib"), 8, 512, 0)
     plain = score(qk.quantize(model, "w8a8-static-minmax", calib=calib, progress=False), windows,
                   reference=reference, progress=False)
-    qm = qk.quantize(model, "w8a8-static-minmax", calib=calib, smooth="auto", progress=False)
+    qm = qk.quantize(model, "w8a8-static-minmax", calib=calib, transforms=[qk.SmoothQuant("auto")], progress=False)
     smooth = score(qm, windows, reference=reference, progress=False)
     assert smooth["kl_divergence"] < 0.5 * plain["kl_divergence"], (smooth, plain)
     assert smooth["perplexity"] < 1.08 * reference.perplexity, (smooth, reference.perplexity)
     out, m2, _ = _roundtrip(qm, tok, tmp_path)
     with torch.inference_mode():
         assert torch.equal(qm(windows[:1, :64]).logits, m2(windows[:1, :64]).logits)
-    dyn = score(qk.quantize(model, "w8a8-dynamic", calib=calib, smooth=0.5, progress=False), windows,
+    dyn = score(qk.quantize(model, "w8a8-dynamic", calib=calib, transforms=[qk.SmoothQuant(0.5)], progress=False), windows,
                 reference=reference, progress=False)
     assert dyn["perplexity"] < 1.02 * reference.perplexity and dyn["kl_divergence"] < 0.03, dyn

@@ -14,7 +14,7 @@ from quantkit.io.atomic import MARKER
 from quantkit.errors import QuantkitError, SourceError
 from quantkit.io.checkpoint import FORMAT_VERSION, METADATA, WEIGHTS_FILE, expected_weights_bytes, safetensors_bytes
 from quantkit.nn import QuantEmbedding, QuantLinear
-from quantkit.scheme import make_config
+from quantkit.config import make_config
 
 hf_logging.set_verbosity_error()
 VOCAB = 256
@@ -105,8 +105,9 @@ def test_config_json_carries_the_quantization_config(models, tmp_path):
     qk.save(q, tmp_path / "g")
     cfg = json.loads((tmp_path / "g" / "config.json").read_text())
     qc = cfg["quantization_config"]
-    assert qc["quant_method"] == "quantkit" and qc["format_version"] == FORMAT_VERSION == 1
-    want = {"scheme": "int4-g32", "method": "rtn", "head": "bf16", "rules": [], "strict_groups": False}
+    assert qc["quant_method"] == "quantkit" and qc["format_version"] == FORMAT_VERSION == 2
+    want = {"scheme": "int4-g32", "method": {"name": "rtn", "options": {}}, "head": "bf16", "rules": [],
+            "strict_groups": False, "transforms": []}
     assert {k: qc["config"][k] for k in want} == want
     assert qc["config"] == q.quantkit.config.to_dict()
     assert qc["layers"] == q.quantkit.layers and qc["head"]["tied"] is True

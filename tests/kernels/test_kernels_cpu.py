@@ -292,26 +292,22 @@ def test_widened_packed_kernels_use_the_exact_dequantized_weight(widen_everythin
     ref = x.double() @ qw.dequantize().double().T
     assert y.shape == (3, 5, shape[0]) and y.dtype == x.dtype
     rel = float((y.double() - ref).norm() / ref.norm())
-    if kernel is Int4Kernel and widen_everything._int4_block_gather(shape[1]) is None:
-        # this CPU's torch lays int4 out otherwise than the probed layout (seen on AVX-512 hosts):
-        # the packed bf16 kernel runs, within its own tolerance (test_widened_int4_falls_back_...)
-        assert rel < BF16_TOL, f"{kernel.name} {scheme}: relative error {rel:.3g}"
-        return
     assert rel < TIGHT, f"{kernel.name} {scheme}: relative error {rel:.3g}"
 
 
-def test_widened_int4_falls_back_to_the_packed_kernel_when_it_cannot_unpack(widen_everything, monkeypatch):
-    """Rows not a multiple of 32 (the layout's blocks), or a torch whose int4 layout is not the
-    probed one: the packed bf16 kernel runs, still within its own tolerance."""
+def test_widened_int4_is_exact_for_any_row_count_and_packed_kernel_is_bf16(widen_everything, monkeypatch):
+    """The widened path reads the stored codes the kernel keeps, so row counts that are not a
+    multiple of torch's 32-row blocks are exact too; with widening off, the same layer runs the
+    packed bf16 kernel, whose error is the bf16 kernel's, well above fp32 summation order."""
     x = torch.randn(40, 576, generator=torch.Generator().manual_seed(9))
-    for rows, layout_known in [(48, True), (64, False)]:
+    for rows in (48, 64):
         qw = quantize(_weight((rows, 576)), "int4-g32")
-        if not layout_known:
-            monkeypatch.setitem(widen_everything._INT4_BLOCK, 576, None)
-        y = Int4Kernel.matmul(x, Int4Kernel.pack(qw), qw.scheme, qw.shape)
         ref = x.double() @ qw.dequantize().double().T
-        rel = float((y.double() - ref).norm() / ref.norm())
-        assert TIGHT * 10 < rel < BF16_TOL  # the bf16 kernel's error: not the widened path
+        for widen, lo, hi in ((1, 0.0, TIGHT), (10**9, TIGHT * 10, BF16_TOL)):
+            monkeypatch.setattr(widen_everything, "WIDEN_INT4_MIN_ROWS", widen)
+            y = Int4Kernel.matmul(x, Int4Kernel.pack(qw), qw.scheme, qw.shape)
+            rel = float((y.double() - ref).norm() / ref.norm())
+            assert lo <= rel < hi, (rows, widen, rel)
 
 
 def test_widened_path_is_chosen_by_rows_and_cpu(monkeypatch):

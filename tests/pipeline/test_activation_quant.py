@@ -11,7 +11,8 @@ from quantkit.errors import DataError, SchemeError
 from quantkit.io.checkpoint import WEIGHTS_FILE, expected_weights_bytes
 from quantkit.observers import make_observer
 from quantkit.pipeline import needs_calibration
-from quantkit.scheme import make_config
+from quantkit.algorithms import SmoothQuant
+from quantkit.config import make_config
 
 VOCAB = 256
 
@@ -51,7 +52,7 @@ def _err(model, q, ids):
 def test_smoothquant_alone_preserves_the_function(make):
     model = make()
     ids = _ids()
-    q = qk.quantize(model, "fp32", calib=ids, smooth=0.5, progress=False)
+    q = qk.quantize(model, "fp32", calib=ids, transforms=[SmoothQuant(0.5)], progress=False)
     with torch.no_grad():
         a, b = model(ids).logits, q(ids).logits
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -64,7 +65,7 @@ def test_smoothquant_alone_preserves_the_function(make):
 def test_smoothquant_rescues_per_tensor_static_activations():
     model, ids = _llama(), _ids()
     plain = qk.quantize(model, "w8a8-static-minmax", calib=ids, progress=False)
-    smooth = qk.quantize(model, "w8a8-static-minmax", calib=ids, smooth=0.5, progress=False)
+    smooth = qk.quantize(model, "w8a8-static-minmax", calib=ids, transforms=[SmoothQuant(0.5)], progress=False)
     assert _err(model, smooth, ids) < 0.5 * _err(model, plain, ids)
 
 
@@ -89,12 +90,12 @@ def test_static_range_is_the_observers_range_of_the_layer_input(scheme):
 
 def test_static_checkpoint_round_trip_and_exact_size(tmp_path):
     model, ids = _llama(), _ids()
-    cfg = make_config("w8a8-static-percentile-asym", smooth=0.5)
+    cfg = make_config("w8a8-static-percentile-asym", transforms=[SmoothQuant(0.5)])
     q = qk.quantize(model, cfg, calib=ids, progress=False)
     out = qk.save(q, tmp_path / "ck")
     assert (out / WEIGHTS_FILE).stat().st_size == expected_weights_bytes(model, cfg)
     m2, _ = qk.load(out)
-    assert m2.quantkit.config.smooth == 0.5
+    assert m2.quantkit.config.transforms == (SmoothQuant(0.5),)
     with torch.no_grad():
         assert torch.equal(m2(ids).logits, q(ids).logits)
 
@@ -102,7 +103,7 @@ def test_static_checkpoint_round_trip_and_exact_size(tmp_path):
 def test_dynamic_needs_no_calibration_and_static_does():
     assert not needs_calibration(make_config("w8a8-dynamic"))
     assert needs_calibration(make_config("w8a8-static-mse"))
-    assert needs_calibration(make_config("int8", smooth=0.5))
+    assert needs_calibration(make_config("int8", transforms=["smoothquant"]))
     model = _llama()
     q = qk.quantize(model, "w8a8-dynamic", progress=False)
     assert _err(model, q, _ids()) < 1e-3
@@ -119,7 +120,7 @@ def test_static_with_gptq_weights():
 
 def test_bad_alpha_and_scheme():
     with pytest.raises(SchemeError, match="alpha"):
-        make_config("w8a8-static-mse", smooth=1.5)
+        make_config("w8a8-static-mse", transforms=[{"name": "smoothquant", "options": {"alpha": 1.5}}])
     with pytest.raises(SchemeError, match="observer"):
         make_config("w8a8-static-kl")
 
@@ -143,13 +144,18 @@ def test_inputs_far_outside_the_static_range_are_clipped_counted_and_never_nan(c
         logits = q(_ids(2, 16, seed=5)).logits
     assert torch.isfinite(logits).all()
     clipped = sum(m.run_stats["clipped"] for m in layers)
-    assert clipped > 0 and all(m.run_stats["clipped"] <= m.run_stats["values"] for m in layers)
+    assert 0 < clipped <= sum(m.run_stats["values"] for m in layers)
+    assert all(m.run_stats["clipped"] <= m.run_stats["values"] for m in layers)
     windows = _ids(2, 16, seed=6)
     with caplog.at_level("WARNING"):
         res = evaluate_model(q, None, windows=windows, progress=False)
-    assert res["act_clipped_values"] > 0 and 0 < res["act_clipped_fraction"] <= 1
+    total = sum(m.run_stats["values"] for m in layers)
+    assert 0 < res["act_clipped_values"] == sum(m.run_stats["clipped"] for m in layers) <= total
+    assert 0 < res["act_clipped_fraction"] <= 1
+    assert res["act_clipped_fraction"] == pytest.approx(res["act_clipped_values"] / total)
     assert "clipped at the range's bound" in caplog.text
-    assert all(m.run_stats["values"] > 0 for m in layers)  # counters were reset, then counted again
+    # counters were reset, then counted again: every input value of the windows' one forward each
+    assert all(m.run_stats["values"] == windows.numel() * m.in_features for m in layers)
 
 
 def test_float_channels_are_the_largest_calibrated_ones_and_leave_the_range():
@@ -178,7 +184,7 @@ def test_float_channels_are_the_largest_calibrated_ones_and_leave_the_range():
 @pytest.mark.parametrize("smooth", [None, "auto"])
 def test_float_channels_checkpoint_round_trip_and_exact_size(tmp_path, smooth):
     model, ids = _llama(), _ids()
-    cfg = make_config("w8a8-static-ema-asym-o4", smooth=smooth)
+    cfg = make_config("w8a8-static-ema-asym-o4", transforms=() if smooth is None else [SmoothQuant(smooth)])
     q = qk.quantize(model, cfg, calib=ids, progress=False)
     out = qk.save(q, tmp_path / "ck")
     assert (out / WEIGHTS_FILE).stat().st_size == expected_weights_bytes(model, cfg)

@@ -147,8 +147,12 @@ def test_streaming_drops_the_table_pages_the_calibration_read(tmp_path):
     smodel, _, loader = open_streaming(folder, tmp_path / "off")
     table = smodel.get_input_embeddings().weight.detach()
     float(table.sum())  # reads every page of the table through the file mapping
-    assert loader.release_mapped() >= table.numel() * table.element_size() - 2 * 4096
-    assert loader.release_mapped() > 0  # still tracked: released again (no-op on the OS side)
+    table_bytes = table.numel() * table.element_size()
+    file_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))  # every tracked view lies in it
+    first = loader.release_mapped()
+    assert table_bytes - 2 * 4096 <= first <= file_bytes
+    # still tracked: released again (no-op on the OS side), the table's pages among them
+    assert table_bytes - 2 * 4096 <= loader.release_mapped() <= first
 
 
 def test_each_hessian_is_freed_once_its_layer_is_quantized(monkeypatch):
@@ -157,10 +161,10 @@ def test_each_hessian_is_freed_once_its_layer_is_quantized(monkeypatch):
     import gc
     import weakref
 
-    import quantkit.calibrate as calibrate
+    import quantkit.pipeline as pipeline
 
     seen: list = []
-    swap = calibrate.swap_quantized
+    swap = pipeline.swap_quantized
 
     def spy(model, name, mod, scheme, method, stats, info):
         gc.collect()
@@ -169,7 +173,7 @@ def test_each_hessian_is_freed_once_its_layer_is_quantized(monkeypatch):
         swap(model, name, mod, scheme, method, stats, info)
         seen.append((name, weakref.ref(stats["hessian"])))
 
-    monkeypatch.setattr(calibrate, "swap_quantized", spy)
+    monkeypatch.setattr(pipeline, "swap_quantized", spy)
     qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
     assert len(seen) == 14
 
@@ -180,24 +184,24 @@ def test_siblings_share_one_hessian_and_give_the_same_bytes(tmp_path, monkeypatc
     import dataclasses
 
     import quantkit.arch as arch
-    import quantkit.calibrate as calibrate
+    import quantkit.pipeline as pipeline
 
     shared = qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
     seen = {}
-    swap = calibrate.swap_quantized
+    swap = pipeline.swap_quantized
 
     def spy(model, name, mod, scheme, method, stats, info):
         seen[name] = stats["hessian"]  # kept alive, so no two Hessians can share an address
         swap(model, name, mod, scheme, method, stats, info)
 
-    monkeypatch.setattr(calibrate, "swap_quantized", spy)
+    monkeypatch.setattr(pipeline, "swap_quantized", spy)
     monkeypatch.setitem(arch.FAMILIES, "llama", dataclasses.replace(arch.FAMILIES["llama"], shared_input=()))
     apart = qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
     assert _digest(shared, tmp_path, "shared") == _digest(apart, tmp_path, "apart")
     assert len({id(h) for h in seen.values()}) == len(seen)  # without the declaration: one Hessian per layer
     seen.clear()
     monkeypatch.undo()
-    monkeypatch.setattr(calibrate, "swap_quantized", spy)
+    monkeypatch.setattr(pipeline, "swap_quantized", spy)
     qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
     p = "model.layers.0."
     assert seen[p + "self_attn.q_proj"] is seen[p + "self_attn.k_proj"] is seen[p + "self_attn.v_proj"]

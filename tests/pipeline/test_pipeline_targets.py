@@ -11,8 +11,9 @@ import quantkit as qk
 from quantkit.errors import QuantkitError, SchemeError
 from quantkit.io.checkpoint import expected_weights_bytes, load_checkpoint
 from quantkit.nn import QuantEmbedding, QuantLinear
-from quantkit.pipeline import head_modules, quantize_model
-from quantkit.scheme import HEAD_CHOICES, Rule, make_config
+from quantkit.modules import head_modules
+from quantkit.pipeline import quantize_model
+from quantkit.config import HEAD_CHOICES, Rule, make_config
 
 hf_logging.set_verbosity_error()
 VOCAB, H = 256, 64

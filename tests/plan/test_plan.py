@@ -13,7 +13,8 @@ import quantkit as qk
 from quantkit.errors import QuantkitError, SchemeError
 from quantkit.plan import (Plan, Sensitivity, allocate, measure_sensitivity, parse_budget, plan_for_budget,
                            plan_for_target, plan_size, predicted_kld)
-from quantkit.scheme import Rule, make_config, parse_scheme
+from quantkit.config import Rule, make_config
+from quantkit.scheme import parse_scheme
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)

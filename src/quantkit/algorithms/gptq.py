@@ -17,11 +17,10 @@ ggml_k.py; for K-quants this includes quantizing the sub-block scales). The resu
 dequantized and run exactly like an RTN weight of the same scheme, and a GGUF block weight
 goes into a GGUF file byte for byte.
 
-Options (`stats["gptq"]`, a dict with the fields of scheme.GPTQOptions):
-damp (fraction of the mean Hessian diagonal added to it, 0.01), block_size (lazy-batch
-width, 128), act_order (columns in descending Hessian-diagonal order, True), static_groups
-(grouped schemes: every group's scale/zero chosen up front from the un-updated weights,
-False).
+Options (the fields of `GPTQ`): damp (fraction of the mean Hessian diagonal added to it,
+0.01), block_size (lazy-batch width, 128), act_order (columns in descending Hessian-diagonal
+order, True), static_groups (grouped schemes: every group's scale/zero chosen up front from
+the un-updated weights, False).
 
 Scales and zeros: per tensor / per channel, chosen once from the whole weight before any
 update. Grouped schemes store groups of consecutive ORIGINAL columns (the layout every
@@ -37,28 +36,17 @@ group's parameters are fixed. static_groups=True fixes all of them up front inst
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import QuantkitError, SchemeError
 from ..formats import QuantizedWeight
 from ..formats.integer import choose_qparams, dequantize_with, from_int_codes, group_len, quantize_with
-from ..scheme import PER_TENSOR, GPTQOptions, Scheme
-from . import Algorithm, register
+from ..scheme import PER_TENSOR, Scheme
+from .base import Method, register_method
 
 log = logging.getLogger(__name__)
-
-
-def _options(stats: dict) -> GPTQOptions:
-    opts = stats.get("gptq") or {}
-    if isinstance(opts, GPTQOptions):
-        return opts
-    valid = {f.name for f in fields(GPTQOptions)}
-    unknown = set(opts) - valid
-    if unknown:
-        raise SchemeError(f"unknown GPTQ option(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
-    return GPTQOptions(**opts)
 
 
 def _check(w: torch.Tensor, H: torch.Tensor, scheme: Scheme) -> None:
@@ -184,7 +172,7 @@ def _grid_for(scheme: Scheme, out: int, inn: int, dev):
     return (_GGMLGrid if scheme.kind == "ggml" else _IntGrid)(scheme, out, inn, dev)
 
 
-def _solve(w: torch.Tensor, U: torch.Tensor, scheme: Scheme, opts: GPTQOptions, perm: "torch.Tensor | None"):
+def _solve(w: torch.Tensor, U: torch.Tensor, scheme: Scheme, opts: "GPTQ", perm: "torch.Tensor | None"):
     """Lazy-batch GPTQ in processing order.
 
     w: float32 [out, in], already permuted (processing order); U: float32 upper factor of
@@ -239,16 +227,47 @@ def _solve(w: torch.Tensor, U: torch.Tensor, scheme: Scheme, opts: GPTQOptions, 
     return q, grid
 
 
-def gptq(w: torch.Tensor, scheme: Scheme, stats: dict) -> QuantizedWeight:
-    """GPTQ-quantize w [out, in] under an integer scheme, given stats["hessian"] (float64 [in, in]).
+@register_method
+@dataclass(frozen=True)
+class GPTQ(Method):
+    """GPTQ's solver options; `quantize` needs stats["hessian"] (float64 [in, in])."""
 
-    Options in stats.get("gptq", {}): damp, block_size, act_order, static_groups (see the
-    module docstring). Deterministic; the result dequantizes like any RTN weight of `scheme`.
+    name = "gptq"
+    needs = frozenset({"hessian"})
+    kinds = frozenset({"int", "ggml"})
+    summary = "GPTQ: second-order error compensation with the layer-input Hessian (calibrated)"
+
+    damp: float = field(default=0.01, metadata={"flag": "--damp", "help": "fraction of the mean Hessian diagonal added to it"})
+    block_size: int = field(default=128, metadata={"flag": "--gptq-block-size", "help": "lazy-batch width in columns"})
+    act_order: bool = field(default=True, metadata={
+        "flag": "--act-order", "help": "columns in descending Hessian-diagonal order (--no-act-order: natural order)"})
+    static_groups: bool = field(default=False, metadata={
+        "flag": "--static-groups", "help": "with act-order: choose every group's scale up front"})
+
+    def __post_init__(self):
+        if isinstance(self.damp, int) and not isinstance(self.damp, bool):
+            object.__setattr__(self, "damp", float(self.damp))
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise SchemeError(f"GPTQ damp must be a number in [0, 1), got {self.damp!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise SchemeError(f"GPTQ block size must be a positive integer, got {self.block_size!r}")
+        for k in ("act_order", "static_groups"):
+            if not isinstance(getattr(self, k), bool):
+                raise SchemeError(f"GPTQ {k} must be true or false, got {getattr(self, k)!r}")
+
+    def quantize(self, w, scheme, stats):
+        return gptq(w, scheme, stats, self)
+
+
+def gptq(w: torch.Tensor, scheme: Scheme, stats: dict, opts: "GPTQ | None" = None) -> QuantizedWeight:
+    """GPTQ-quantize w [out, in] under an integer or GGML scheme, given stats["hessian"]
+    (float64 [in, in]) and the options `opts` (GPTQ(); see the module docstring).
+    Deterministic; the result dequantizes like any RTN weight of `scheme`.
     """
     if not stats or stats.get("hessian") is None:
         raise QuantkitError("GPTQ needs calibration data: stats must hold the layer's input Hessian "
                             "(stats['hessian'], float64 [in, in]); quantize with calibration text, or use method rtn")
-    opts = _options(stats)
+    opts = GPTQ() if opts is None else opts
     H = stats["hessian"]
     _check(w, H, scheme)
     w, H = _prepare(w, H, opts.damp)
@@ -270,6 +289,3 @@ def gptq(w: torch.Tensor, scheme: Scheme, stats: dict) -> QuantizedWeight:
         q = q[:, torch.argsort(perm)]
     return grid.result(q)
 
-
-register(Algorithm("gptq", gptq, needs=frozenset({"hessian"}), kinds=frozenset({"int", "ggml"}),
-                   summary="GPTQ: second-order error compensation with the layer-input Hessian (calibrated)"))

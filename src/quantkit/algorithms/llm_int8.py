@@ -5,16 +5,23 @@ Weights: vector-wise (per output row) absmax int8. The method's other half runs 
 time: input columns with an outlier (|x| > threshold, 6.0 by default) go through a float
 matmul, the rest through an int8 x int8 matmul (see kernels.cpu.LLMInt8Kernel).
 """
+from dataclasses import dataclass
+
 from ..formats import quantize
 from ..scheme import parse_scheme
-from . import Algorithm, register
+from .base import Method, register_method
 
 SCHEME = parse_scheme("llm-int8")
 
 
-def llm_int8(w, scheme, stats=None):
-    return quantize(w, SCHEME)
+@register_method
+@dataclass(frozen=True)
+class LLMInt8(Method):
+    """LLM.int8(): per-row absmax int8 weights; outlier input columns run in float (the llm-int8 scheme)."""
 
+    name = "llm-int8"
+    kinds = frozenset({"llm-int8"})
+    summary = "int8 vector-wise weights + fp outlier columns at run time"
 
-register(Algorithm("llm-int8", llm_int8, kinds=frozenset({"llm-int8"}),
-                   summary="int8 vector-wise weights + fp outlier columns at run time"))
+    def quantize(self, w, scheme, stats=None):
+        return quantize(w, SCHEME)

@@ -2,12 +2,19 @@
 
 The baseline every PTQ paper compares against; data-free, works for every scheme.
 """
+from dataclasses import dataclass
+
 from ..formats import quantize
-from . import Algorithm, register
+from .base import Method, register_method
 
 
-def rtn(w, scheme, stats=None):
-    return quantize(w, scheme)
+@register_method
+@dataclass(frozen=True)
+class RTN(Method):
+    """Round to nearest on the scheme's grid: `qk.quantize(model, "int4-g128", method=qk.RTN())`."""
 
+    name = "rtn"
+    summary = "round to nearest on the scheme's grid (data-free)"
 
-register(Algorithm("rtn", rtn, summary="round to nearest on the scheme's grid (data-free)"))
+    def quantize(self, w, scheme, stats=None):
+        return quantize(w, scheme)

@@ -13,16 +13,31 @@ that the model needs can cost more than the finer grid gains, so it is no qualit
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..formats.integer import choose_qparams, dequantize_with, from_int_codes, group_len, quantize_with
 from ..scheme import PER_TENSOR
-from . import Algorithm, register
+from .base import Method, register_method
 
 RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.00, 0.95, ..., 0.50
 
 
-def rtn_mse(w, scheme, stats=None):
+@register_method
+@dataclass(frozen=True)
+class RTNMSE(Method):
+    """RTN on the clipping range (of RATIOS) with the smallest squared error per group; integer schemes."""
+
+    name = "rtn-mse"
+    kinds = frozenset({"int"})
+    summary = "round to nearest on the grid whose clipping range minimises each group's squared error"
+
+    def quantize(self, w, scheme, stats=None):
+        return rtn_mse(w, scheme)
+
+
+def rtn_mse(w, scheme):
     w = w.detach().float()
     out, inn = w.shape
     L = group_len(scheme, inn)
@@ -45,6 +60,3 @@ def rtn_mse(w, scheme, stats=None):
     q = quantize_with(wg, scale[..., None], None if zero is None else zero[..., None], scheme)
     return from_int_codes(scheme, q.reshape(out, inn), scale, zero)
 
-
-register(Algorithm("rtn-mse", rtn_mse, kinds=frozenset({"int"}),
-                   summary="round to nearest on the grid whose clipping range minimises each group's squared error"))

@@ -13,7 +13,8 @@ X / s is folded into the module that produces X (a norm's weight and bias, or th
 the Linear before), W·s into the Linears that read it, so the float model computes exactly
 the same function before it is quantized. Which modules pair up is declared per model family
 (arch.Family.smooth); the statistics (max|X_j| over the calibration tokens, and for
-alpha="auto" a sample of the inputs) come from the pipeline (calibrate.py).
+alpha="auto" a sample of the inputs) are gathered on the block's calibration inputs, which
+calibration (calibrate.py) hands to `SmoothQuant.apply` before the block is quantized.
 
 alpha="auto" (`choose_alpha`) picks alpha per group from ALPHAS: the one whose smoothed and
 quantized Linears reproduce the group's float outputs best on the calibration sample, the way
@@ -21,7 +22,19 @@ Intel Neural Compressor's SmoothQuant tunes it per layer.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+
 import torch
+from torch import nn
+
+from ..errors import QuantkitError, SchemeError
+from ..formats.integer import top_channels
+from ..modules import linear_weight
+from .base import Transform, register_transform
+from .collectors import AbsMax, Range
+
+log = logging.getLogger(__name__)
 
 MIN_SCALE = 1e-5
 
@@ -124,3 +137,87 @@ def choose_alpha(x: torch.Tensor, weights: list[torch.Tensor], schemes: list, ca
 def candidate_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alphas=ALPHAS) -> dict:
     """{alpha: s} for the search."""
     return {a: smoothing_scales(act_absmax, weights, a) for a in alphas}
+
+
+# ---------------------------------------------------------------- the block transform
+SMOOTH_SAMPLE_ROWS = 2048  # input rows per group that alpha="auto" is chosen on
+
+
+@register_transform
+@dataclass(frozen=True)
+class SmoothQuant(Transform):
+    """Smooth each of a block's (producer, Linears) pairs (arch.Family.smooth) before its
+    Linears are quantized. alpha: migration strength in [0, 1], or "auto" (chosen per group)."""
+
+    name = "smoothquant"
+    needs = frozenset({"absmax"})
+    summary = "SmoothQuant: per-channel scales moved from activations into weights (calibrated)"
+
+    alpha: "float | str" = field(default=0.5, metadata={
+        "flag": "--smooth", "enables": True, "help": "migration strength in [0, 1] or auto (chosen per layer group)"})
+
+    def __post_init__(self):
+        a = self.alpha
+        if isinstance(a, str) and a != "auto":
+            try:
+                a = float(a)
+            except ValueError:
+                a = None
+        if a != "auto" and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
+            raise SchemeError(f"SmoothQuant alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
+        object.__setattr__(self, "alpha", a if a == "auto" else float(a))
+
+    def apply(self, block: nn.Module, ctx) -> None:
+        """Per-channel input absmax of each smoothing group, then fold (alpha a number, or
+        "auto": chosen per group on a sample of the calibration inputs)."""
+        groups = [(prev, [r for r in lins if ctx.scheme_of(r) is not None]) for prev, lins in ctx.family.smooth]
+        groups = [(prev, lins) for prev, lins in groups if lins]
+        if not groups:
+            return
+        alpha = self.alpha
+        rows = sum(h.shape[0] * h.shape[1] for h, _ in ctx.inputs)
+        stride = max(1, -(-rows // SMOOTH_SAMPLE_ROWS)) if alpha == "auto" else None
+        stats = {lins[0]: AbsMax(stride) for _, lins in groups}  # the Linears of a group share their input
+        ctx.observe({rel: [c] for rel, c in stats.items()})
+        found = {}
+        for prev, lins in groups:
+            absmax = stats[lins[0]].result()
+            if absmax is None:
+                raise QuantkitError(f"no calibration inputs reached {ctx.prefix}{lins[0]}; SmoothQuant needs its range")
+            found[prev] = (absmax, [linear_weight(block.get_submodule(r)) for r in lins], [ctx.scheme_of(r) for r in lins])
+        if alpha != "auto":
+            for prev, _ in groups:
+                absmax, weights, _ = found[prev]
+                smooth(producers(block.get_submodule(prev)), weights, absmax, alpha)
+            return
+        # alpha="auto": for each candidate, the static ranges the final observer would choose on
+        # all the calibration inputs divided by that candidate's scales (a second pass), then the
+        # group's output error on the sample decides
+        cands, ranges = {}, {}
+        for prev, lins in groups:
+            absmax, weights, schemes = found[prev]
+            cands[prev] = candidate_scales(absmax, weights)
+            statics = {act_key(sc): sc for sc in schemes if sc.act == "static"}
+            ranges[prev] = {(a, k): Range(sc, s, top_channels(absmax / s, sc.act_outliers) if sc.act_outliers else None)
+                            for a, s in cands[prev].items() for k, sc in statics.items()}
+        ctx.observe({lins[0]: list(ranges[prev].values()) for prev, lins in groups if ranges[prev]})
+        for prev, lins in groups:
+            absmax, weights, schemes = found[prev]
+            options = {a: (s, {k: r.result() for (a2, k), r in ranges[prev].items() if a2 == a})
+                       for a, s in cands[prev].items()}
+            a, s = choose_alpha(stats[lins[0]].sample(), weights, schemes, options)
+            log.info("SmoothQuant %s%s: alpha %.1f", ctx.prefix, prev, a)
+            fold(producers(block.get_submodule(prev)), weights, s)
+
+
+def producers(mod: nn.Module) -> list[torch.Tensor]:
+    """The tensors whose dim 0 indexes `mod`'s output channels (where SmoothQuant folds 1/s)."""
+    w = linear_weight(mod)
+    if w is None:
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 1:
+            raise QuantkitError(f"SmoothQuant cannot fold a scale into {type(mod).__name__}")
+    elif type(mod).__name__ == "Conv1D":
+        raise QuantkitError("SmoothQuant folds into norms, or into nn.Linear rows; not into a Conv1D")
+    bias = getattr(mod, "bias", None)
+    return [w.data] + ([bias.data] if isinstance(bias, torch.Tensor) else [])

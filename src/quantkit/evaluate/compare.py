@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..pipeline import linear_weight
-from ..scheme import make_config, parse_schemes
+from ..modules import linear_weight
+from ..config import make_config
+from ..scheme import parse_schemes
 from .guard import check_float_model, check_reference, probe_ids
 from .quality import ReferenceCache
 from .run import evaluate_model, make_windows
@@ -52,12 +53,13 @@ def _guard(model, tok, schemes, head=None) -> "torch.Tensor":
 
 def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192, head=None, speed=True,
             prompt=DEFAULT_PROMPT, gen_tokens=32, report_dir=None, progress=True, command=None, calib=None,
-            calib_samples=128, calib_len=512, seed=0, smooth=None, allow_pickle=False) -> dict:
+            calib_samples=128, calib_len=512, seed=0, transforms=(), allow_pickle=False) -> dict:
     """Run the main job for each scheme on `source`; returns {"rows", "generations", "meta"}.
 
     text: the evaluation text (a string) or None to score on text the fp32 model generates
     (KLD and top-1 only; perplexity of a model on its own greedy text is not meaningful).
-    calib: calibration text for schemes that need it (w8a8-static-*, or any with `smooth`);
+    calib: calibration text for schemes that need it (w8a8-static-*, or any with `transforms`,
+    e.g. SmoothQuant; float schemes get none);
     None = text the model generates (a warning says so). Drawn once, shared by every scheme.
     """
     from ..io.load import load
@@ -66,7 +68,7 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
 
     schemes = parse_schemes(schemes) if isinstance(schemes, str) else list(schemes)
     for s in schemes:  # validate everything before the long work
-        make_config(s, head=head, smooth=None if s.is_float else smooth)
+        make_config(s, head=head, transforms=() if s.is_float else transforms)
     model, tok = load(source, allow_pickle=allow_pickle)
     probe = _guard(model, tok, schemes, head)
     calib_ids = None
@@ -78,7 +80,7 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
     errors: dict[str, dict[str, float]] = {}
     rows, gens = [], {"fp32 (reference)": greedy_generate(model, tok, prompt, gen_tokens)}
     for scheme in schemes:
-        cfg = make_config(scheme, head=head, smooth=None if scheme.is_float else smooth)
+        cfg = make_config(scheme, head=head, transforms=() if scheme.is_float else transforms)
         log.info("compare: %s", scheme.name)
         if needs_calibration(cfg) and calib_ids is None:
             from ..data import calib_samples as sample_text, calibration

@@ -359,7 +359,7 @@ def check_reference(source: nn.Module, head: str | None = "bf16", roundtrip: boo
     The held model is built on a structural copy sharing every parameter and buffer with `source`
     (nothing in quantize_model writes to them), so only the converted tables are new memory."""
     from ..pipeline import quantize_model
-    from ..scheme import make_config
+    from ..config import make_config
 
     head = resolve_head(head, source)
     ids = probe_ids(source, tokenizer) if ids is None else ids

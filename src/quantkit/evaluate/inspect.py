@@ -8,8 +8,8 @@ size of the checkpoint `qk.save` writes for it, keyed by its schemes ("int8 (as 
 from __future__ import annotations
 
 from ..io.checkpoint import checkpoint_bytes, expected_weights_bytes
-from ..pipeline import quantized_summary
-from ..scheme import make_config
+from ..modules import quantized_summary
+from ..config import make_config
 from .size import memory_bytes, module_breakdown, param_dtypes, weight_count
 
 INSPECT_SCHEMES = ("fp32", "bf16", "fp16", "fp8-e4m3", "int8", "llm-int8", "int8-g128", "int4-g128", "int4-g32",

@@ -108,8 +108,7 @@ class CodebookCodec:
         self.kind = kind
         self.levels = LEVELS[kind]
 
-    def quantize(self, w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
-        scheme.validate_for(tuple(w.shape))
+    def quantize(self, w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:  # shape checked by formats.quantize
         w = w.detach().float()
         if w.numel() == 0:
             raise ValueError(f"cannot quantize an empty weight of shape {tuple(w.shape)}")

@@ -238,8 +238,7 @@ class IntCodec:
 
     kind = "int"
 
-    def quantize(self, w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
-        scheme.validate_for(tuple(w.shape))
+    def quantize(self, w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:  # shape checked by formats.quantize
         w = w.detach().float()
         if w.numel() == 0:
             raise ValueError(f"cannot quantize an empty weight of shape {tuple(w.shape)}")

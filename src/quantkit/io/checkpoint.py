@@ -1,12 +1,14 @@
 """quantkit's checkpoint layout: one safetensors file of packed weights + config.json.
 
-Layout (format_version 1):
+Layout (tensors: layout version 1, unchanged since the first release; config: format_version 2):
 - `model.safetensors`: for a quantized layer `L`, its storage tensors as `L.<part>` (e.g.
   `L.qweight`, `L.scale`, `L.zero`; parts and dtypes come from the codec) and `L.bias`; the
   embedding table as `E.<part>` (a tied head is not stored twice); every other parameter
   and persistent buffer under its usual name, in its own dtype.
 - `config.json`: the transformers config plus `quantization_config` = {"quant_method":
-  "quantkit", "format_version", "config" (QuantConfig.to_dict()), "layers" {name: scheme},
+  "quantkit", "format_version", "config" (QuantConfig.to_dict(): each method and transform as
+  {"name", "options"}; version 1 wrote the method as a name and GPTQ's options apart, and is
+  still read), "layers" {name: scheme},
   "methods", "head", "fallbacks", "errors" (relative weight error per layer)}; the tokenizer files beside it.
 Writes go to a temporary folder renamed at the end (io.atomic). `load_checkpoint` builds the
 model with empty weights, refuses a damaged or edited folder (io/checkpoint_validate.py: config,
@@ -26,19 +28,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import QuantkitError, SourceError
-from ..formats import QuantizedWeight, quantize
+from ..formats import QuantizedWeight
 from ..nn import QuantEmbedding, QuantLinear
-from ..pipeline import QuantInfo, _head_scheme, _set_module, head_modules, head_storage, linear_weight, resolve_targets
-from ..scheme import QuantConfig, parse_scheme
+from ..modules import head_modules, head_scheme, head_storage, iter_targets, linear_weight, set_module
+from ..pipeline import QuantInfo
+from ..config import QuantConfig
+from ..scheme import parse_scheme
 from .atomic import atomic_dir
+from .layout import (FORMAT_VERSION, LAYOUT_VERSION, METADATA, WEIGHTS_FILE, meta_quantize,  # noqa: F401
+                     stored_parts, stored_shape, stored_spec)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-# One key only: safetensors writes the metadata map in hash order, and two keys would make two
-# saves of the same model differ byte for byte.
-METADATA = {"format": f"quantkit/{FORMAT_VERSION}"}
 
 
 def _checkpoint_groups(model: nn.Module):
@@ -76,50 +77,31 @@ def checkpoint_bytes(model: nn.Module) -> int:
     return safetensors_bytes(specs, METADATA)
 
 
-def _spill_parts(model: nn.Module, tmp) -> "tuple[dict, dict] | None":
-    """Append each stored tensor's bytes to the open file `tmp`, one module unpacked at a time;
-    ({name: (dtype, shape)}, {name: offset in tmp}), or None for a case safetensors' own writer
-    must handle (a name twice, a dtype not in _ST_DTYPES, a tensor off the CPU, big-endian)."""
-    if sys.byteorder != "little":
-        return None
-    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    where: dict[str, int] = {}
-    for group in _checkpoint_groups(model):
-        for k, t in group.items():
-            if k in specs or t.dtype not in _ST_DTYPES or t.device.type != "cpu":
-                return None
-            t = t.detach().contiguous()
-            specs[k], where[k] = (t.dtype, tuple(t.shape)), tmp.tell()
-            if t.numel():
-                tmp.write(t.reshape(-1).view(torch.uint8).numpy())
-    return specs, where
-
-
 def _write_weights(model: nn.Module, path: Path) -> None:
     """Write the checkpoint's safetensors file byte for byte as `save_file(checkpoint_tensors(
-    model), path, METADATA)` would, without holding every unpacked tensor at once (unpacking
-    a model held in kernel layouts would otherwise double its memory while it is saved): the
-    parts go to a spill file beside `path` module by module, then the header is written and
-    the parts are copied over in safetensors' order."""
-    spill = path.with_name(path.name + ".parts")
-    try:
-        with open(spill, "w+b") as tmp:
-            parts = _spill_parts(model, tmp)
-            if parts is not None:
-                header, offsets = _safetensors_header(parts[0], METADATA)
-                with open(path, "wb") as f:
-                    f.write(struct.pack("<Q", len(header)))
-                    f.write(header)
-                    for k, (a, b) in sorted(offsets.items(), key=lambda kv: kv[1]):
-                        tmp.seek(parts[1][k])
-                        while a < b:
-                            chunk = tmp.read(min(b - a, 1 << 23))
-                            f.write(chunk)
-                            a += len(chunk)
-                return
+    model), path, METADATA)` would, straight from the tensors the model holds (a quantized
+    layer's storage tensors, as they are): the header from their dtypes and shapes, then each
+    tensor's bytes in safetensors' order. Nothing is copied beyond one non-contiguous tensor at
+    a time (save_file would first turn every tensor into a bytes object). Cases safetensors'
+    own writer must handle (a name twice, a dtype it alone knows, a tensor off the CPU, a
+    big-endian machine) go to it."""
+    tensors: dict[str, torch.Tensor] = {}
+    direct = sys.byteorder == "little"
+    for group in _checkpoint_groups(model):
+        for k, t in group.items():
+            direct = direct and k not in tensors and t.dtype in _ST_DTYPES and t.device.type == "cpu"
+            tensors[k] = t.detach()
+    if not direct:
         save_file(checkpoint_tensors(model), str(path), metadata=METADATA)
-    finally:
-        spill.unlink(missing_ok=True)
+        return
+    header, offsets = _safetensors_header({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, METADATA)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for k, _ in sorted(offsets.items(), key=lambda kv: kv[1]):
+            t = tensors[k]
+            if t.numel():
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -192,43 +174,30 @@ def safetensors_bytes(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], met
     return 8 + len(header) + max((e for _, e in offsets.values()), default=0)
 
 
-def _spec(qw: QuantizedWeight) -> dict:
-    from ..formats.integer import act_parts
-
-    return {**{k: (t.dtype, tuple(t.shape)) for k, t in qw.tensors.items()}, **act_parts(qw.scheme)}
-
-
-def _meta_quantize(shape, scheme) -> QuantizedWeight:
-    try:
-        return quantize(torch.empty(shape, device="meta"), scheme)
-    except Exception:  # a codec op without a meta kernel: build it for real (zeros are cheap)
-        return quantize(torch.zeros(shape, device="cpu"), scheme)
-
-
 def expected_weights_bytes(model: nn.Module, cfg: QuantConfig) -> int:
     """Bytes of `model.safetensors` that `save(quantize(model, cfg))` would write (exact)."""
     specs: dict[str, tuple] = {}
     emb_name, out_name, tied = head_modules(model)
     replaced = set()
-    for name, shape, scheme, _, _ in resolve_targets(model, cfg):  # the layers and schemes quantize resolves
+    for name, shape, scheme, _, _ in iter_targets(model, cfg):  # the layers and schemes quantize resolves
         if scheme is None:
             continue
         mod = model.get_submodule(name)
         replaced.add(name)
-        for part, sp in _spec(_meta_quantize(shape, scheme)).items():
+        for part, sp in stored_spec(meta_quantize(shape, scheme)).items():
             specs[f"{name}.{part}"] = sp
         if getattr(mod, "bias", None) is not None:
             specs[f"{name}.bias"] = (mod.bias.dtype, tuple(mod.bias.shape))
     ref = model.get_submodule(emb_name) if emb_name else (model.get_submodule(out_name) if out_name else None)
     replaced.update(n for n in (emb_name, out_name) if n)
     if ref is not None:
-        hs = _head_scheme(head_storage(cfg, emb_name, out_name), ref.weight.dtype)
+        hs = head_scheme(head_storage(cfg, emb_name, out_name), ref.weight.dtype)
         for mname in [emb_name] + ([] if tied else [out_name]):
             if mname is None:
                 continue
             m = model.get_submodule(mname)
             shape = tuple(linear_weight(m).shape) if linear_weight(m) is not None else tuple(m.weight.shape)
-            for part, sp in _spec(_meta_quantize(shape, hs)).items():
+            for part, sp in stored_spec(meta_quantize(shape, hs)).items():
                 specs[f"{mname}.{part}"] = sp
             if getattr(m, "bias", None) is not None:
                 specs[f"{mname}.bias"] = (m.bias.dtype, tuple(m.bias.shape))
@@ -278,11 +247,6 @@ def quant_info(qc: dict, where: str | Path = "quantization_config") -> QuantInfo
     return validate_quantization_config(qc, where)
 
 
-def stored_parts(shape, scheme) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """{part: (dtype, shape)} that `scheme` stores for a weight of `shape` (what `save` writes)."""
-    return _spec(_meta_quantize(tuple(shape), scheme))
-
-
 def install_quantized(model: nn.Module, info: QuantInfo, keys: set[str], get, dtype: torch.dtype) -> set[str]:
     """Swap in the QuantLinear / QuantEmbedding modules `info` describes, built from stored
     tensors: `keys` are the stored names, `get(name)` returns one. Returns the names used (the
@@ -302,7 +266,7 @@ def install_quantized(model: nn.Module, info: QuantInfo, keys: set[str], get, dt
         bias = get(f"{name}.bias") if f"{name}.bias" in keys else None
         if bias is not None:
             used.add(f"{name}.bias")
-        _set_module(model, name, QuantLinear(QuantizedWeight(parse_scheme(scheme), shape, p), bias))
+        set_module(model, name, QuantLinear(QuantizedWeight(parse_scheme(scheme), shape, p), bias))
     head = info.head
     if head:
         hs = parse_scheme(head["scheme"])
@@ -313,25 +277,17 @@ def install_quantized(model: nn.Module, info: QuantInfo, keys: set[str], get, dt
             used.update(f"{emb_name}.{k}" for k in p)
             qe = QuantEmbedding(QuantizedWeight(hs, stored_shape(m), p), getattr(m, "padding_idx", None), out_dtype=dtype,
                                 embed_scale=getattr(m, "embed_scale", None))
-            _set_module(model, emb_name, qe)
+            set_module(model, emb_name, qe)
             if tied and out_name:
-                _set_module(model, out_name, qe.linear)
+                set_module(model, out_name, qe.linear)
         if out_name and not tied:
             m = model.get_submodule(out_name)
             p = parts(out_name)
             used.update(f"{out_name}.{k}" for k in p)
             bias = get(f"{out_name}.bias") if f"{out_name}.bias" in keys else None
             used.add(f"{out_name}.bias")
-            _set_module(model, out_name, QuantLinear(QuantizedWeight(hs, stored_shape(m), p), bias))
+            set_module(model, out_name, QuantLinear(QuantizedWeight(hs, stored_shape(m), p), bias))
     return used
-
-
-def stored_shape(mod: nn.Module) -> tuple[int, int]:
-    """[out, in] of a Linear/Conv1D, [num, dim] of an embedding, or a placeholder's `stored_shape`."""
-    if hasattr(mod, "stored_shape"):
-        return tuple(mod.stored_shape)
-    w = linear_weight(mod)
-    return tuple((w if w is not None else mod.weight).shape)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):

@@ -8,7 +8,7 @@
 - `validate_contents(model, info, header, path)`: against the model built (empty) from
   config.json, every quantized layer and the head name a module of the right kind, and each
   stored tensor has the names, dtypes and shapes that quantizing a weight of that shape with
-  the layer's scheme produces (`checkpoint.stored_parts`); the other stored tensors are
+  the layer's scheme produces (`layout.stored_parts`); the other stored tensors are
   parameters or buffers of the model with their shapes. Nothing is missing, nothing is extra.
 Each raises SourceError with one line saying what is wrong and what to do.
 """
@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from ..errors import QuantkitError, SourceError
-from ..pipeline import QuantInfo, head_modules, linear_weight
-from ..scheme import QuantConfig, parse_scheme
-from .checkpoint import FORMAT_VERSION, stored_parts, stored_shape
+from ..modules import head_modules, linear_weight
+from ..pipeline import QuantInfo
+from ..config import QuantConfig
+from ..scheme import parse_scheme
+from .layout import FORMAT_VERSION, stored_parts, stored_shape
 from .validate import one_line
 
 _AGAIN = "save the checkpoint again with quantkit"

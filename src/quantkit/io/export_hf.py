@@ -141,7 +141,7 @@ EXPORTERS: dict[str, Exporter] = {
 def export_scheme(model: nn.Module, bits: int = 4, symmetric: bool = True) -> str:
     """The integer scheme with the largest group (128, 64 or 32) dividing every Linear's input
     width, for a model to be quantized and then exported (one group size for all layers)."""
-    from ..pipeline import head_modules, linear_weight
+    from ..modules import head_modules, linear_weight
 
     info = getattr(model, "quantkit", None)
     if info is not None:  # already quantized: the widths of its quantized layers
@@ -194,7 +194,7 @@ def check_scheme(fmt: str, scheme: "str | Scheme") -> Scheme:
     return scheme
 
 
-def _uniform_scheme(model, fmt: Exporter) -> tuple[Scheme, int]:
+def uniform_scheme(model, fmt: Exporter) -> tuple[Scheme, int]:
     info = getattr(model, "quantkit", None)
     if info is None:
         raise QuantkitError("export needs a model quantized by quantkit (qk.quantize, or a quantkit checkpoint)")
@@ -216,7 +216,7 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, fmt: str, card: 
     if fmt not in EXPORTERS:
         raise SchemeError(f"unknown export format {fmt!r}; valid: {', '.join(EXPORTERS)}")
     ex = EXPORTERS[fmt]
-    scheme, g = _uniform_scheme(model, ex)
+    scheme, g = uniform_scheme(model, ex)
     info = model.quantkit
     emb_name, out_name, tied = info.head.get("embedding"), info.head.get("head"), bool(info.head.get("tied"))
     # embeddings/head are written dequantized, in their 16-bit storage dtype (exact), else float32

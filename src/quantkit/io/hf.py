@@ -32,10 +32,11 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import SchemeError
 from ..memory import release_file_pages, trim_heap
-from ..pipeline import (QuantInfo, _quantize_head, _set_module, head_modules, linear_weight, needs_calibration,
-                        record_fallbacks, resolve_targets, swap_quantized, validate_config)
-from ..scheme import QuantConfig, Rule, make_config, parse_scheme
-from .checkpoint import (FORMAT_VERSION, METADATA, _meta_quantize, _spec, checkpoint_tensors, install_quantized,
+from ..modules import head_modules, iter_targets, linear_weight, set_module
+from ..pipeline import QuantInfo, needs_calibration, quantize_head, record_fallbacks, swap_quantized, validate_config
+from ..config import QuantConfig, Rule, make_config
+from ..scheme import parse_scheme
+from .checkpoint import (LAYOUT_VERSION, METADATA, meta_quantize, stored_spec, checkpoint_tensors, install_quantized,
                          quant_info, quantization_config)
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class _Stored(nn.Module):
         super().__init__()
         self.stored_shape = tuple(shape)
         with torch.device("cpu"):  # transformers builds the skeleton under a meta device context
-            spec = _spec(_meta_quantize(self.stored_shape, scheme))
+            spec = stored_spec(meta_quantize(self.stored_shape, scheme))
         for part, (dt, sh) in spec.items():
             self.register_buffer(part, torch.empty(sh, dtype=dt, device="meta"))
         self.bias = None if bias is None else nn.Parameter(torch.empty_like(bias, device="meta"), requires_grad=False)
@@ -169,7 +170,7 @@ class QuantizeOnLoad(ConversionOps):
         mod = model.get_submodule(name)
         mod.weight = nn.Parameter(w, requires_grad=False)
         swap_quantized(model, name, mod, scheme, method, {}, q.info)
-        q.packed[name] = model.get_submodule(name).buffers_dict()
+        q.packed[name] = dict(model.get_submodule(name).named_buffers(recurse=False))  # storage, as quantized
         del mod.weight
         release_file_pages(w)  # the float weight was read through the checkpoint's mmap: let its pages go
         trim_heap()
@@ -211,7 +212,7 @@ class QuantkitHfQuantizer(HfQuantizer):
             return model
         layers = [(n, tuple(mod.weight.shape)) for n, mod in model.named_modules()
                   if isinstance(mod, nn.Linear) and n != out_name]
-        resolved = resolve_targets(model, self.cfg, layers)  # every layer and rule checked before any weight is read
+        resolved = iter_targets(model, self.cfg, layers)  # every layer and rule checked before any weight is read
         record_fallbacks(self.info, resolved)
         self.targets = {n: (scheme, method) for n, _, scheme, method, _ in resolved if scheme is not None}
         if not self.targets:
@@ -222,7 +223,7 @@ class QuantkitHfQuantizer(HfQuantizer):
         info = self.info
         for name, scheme in info.layers.items():
             mod = model.get_submodule(name)
-            _set_module(model, name, _Stored(parse_scheme(scheme), tuple(linear_weight(mod).shape),
+            set_module(model, name, _Stored(parse_scheme(scheme), tuple(linear_weight(mod).shape),
                                              getattr(mod, "bias", None)))
         head = info.head
         if head:
@@ -231,9 +232,9 @@ class QuantkitHfQuantizer(HfQuantizer):
                 if n:
                     m = model.get_submodule(n)
                     w = linear_weight(m) if linear_weight(m) is not None else m.weight
-                    _set_module(model, n, _Stored(hs, tuple(w.shape), getattr(m, "bias", None)))
+                    set_module(model, n, _Stored(hs, tuple(w.shape), getattr(m, "bias", None)))
             if head.get("tied") and head.get("head"):  # one stored table; install_quantized ties the modules
-                _set_module(model, head["head"], nn.Module())
+                set_module(model, head["head"], nn.Module())
                 model.all_tied_weights_keys = {}
 
     def get_quantize_ops(self):
@@ -257,11 +258,10 @@ class QuantkitHfQuantizer(HfQuantizer):
                 mod = model.get_submodule(name)
                 for k, t in bufs.items():
                     setattr(mod, k, t)
-                mod._bufs = mod.buffers_dict()
             self.packed.clear()
             floats = [linear_weight(m) if linear_weight(m) is not None else m.weight
                       for m in (model.get_submodule(n) for n in {emb_name, out_name} - {None})]
-            _quantize_head(model, self.cfg, self.info, emb_name, out_name, tied)
+            quantize_head(model, self.cfg, self.info, emb_name, out_name, tied)
             for w in floats:
                 release_file_pages(w.detach())
             del floats
@@ -291,4 +291,4 @@ def register() -> None:
 
 
 register()
-assert FORMAT_VERSION == 1  # placeholders and install_quantized follow layout version 1
+assert LAYOUT_VERSION == 1  # placeholders and install_quantized follow layout version 1

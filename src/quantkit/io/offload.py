@@ -264,7 +264,7 @@ def open_streaming(source, offload_dir=None, dtype: torch.dtype = torch.float32,
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..arch import family_of
-    from ..pipeline import head_modules
+    from ..modules import head_modules
 
     keep_heap_small()
     folder = float_folder(source, offload_dir, str(dtype).replace("torch.", ""), allow_pickle)

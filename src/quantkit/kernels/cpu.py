@@ -8,7 +8,6 @@ storage `QuantizedWeight` back exactly (`unpack`), so saving never needs a secon
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -103,10 +102,18 @@ class Kernel:
 
     name = "base"
     differentiable = False  # True when matmul is built from torch ops autograd can go through (w.r.t. x)
+    # True when `pack`'s buffers include the storage tensors themselves (st_<part>) because its
+    # layout cannot give them back exactly without probing it; False: `unpack` rebuilds them
+    keeps_storage = False
 
     @staticmethod
     def supports(qw: QuantizedWeight) -> bool:
         raise NotImplementedError
+
+    @staticmethod
+    def check(qw: QuantizedWeight) -> None:
+        """Refuse (ValueError) a weight this kernel could pick but never run; called when the
+        layer is built, so the refusal does not wait for its first forward."""
 
     @staticmethod
     def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -282,73 +289,33 @@ class Int8Kernel(Kernel):
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
 
 
-_INT4_PERM: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _int4pack_positions(n: int, k: int) -> torch.Tensor:
-    """Where each (row, col) code lands in torch's CPU int4 packed layout (nibble index).
-
-    The layout is internal to torch and may change between versions, so it is probed, not
-    assumed: pack the bits of every element's own index, one bit plane at a time, and read
-    them back. Exact for any shape the kernel accepts; cached per shape.
-    """
-    key = (n, k)
-    if key not in _INT4_PERM:
-        idx = torch.arange(n * k, dtype=torch.int64).reshape(n, k)
-        src = torch.zeros(n * k, dtype=torch.int64)
-        for bit in range(max(1, math.ceil(math.log2(n * k)))):
-            plane = ((idx >> bit) & 1).to(torch.int32)
-            packed = torch._convert_weight_to_int4pack_for_cpu(plane, 1).reshape(-1)
-            nib = torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1).to(torch.int64)
-            src |= nib << bit
-        # src[p] = flat (row, col) index stored at nibble p; kept as int32 (half the memory of a
-        # permanent int64 table per shape), widened only while it is used
-        _INT4_PERM[key] = src.to(torch.int32) if n * k < 2**31 else src
-    return _INT4_PERM[key]
-
-
-_INT4_BLOCK: dict[int, "torch.Tensor | None"] = {}
-INT4_BLOCK_ROWS = 32
-
-
-def _int4_block_gather(k: int) -> "torch.Tensor | None":
-    """Gather index that puts one 32-row block of torch's CPU int4 layout back in row order.
-
-    Probed on 64 rows: torch stores the codes of each block of 32 output rows contiguously
-    (16 bytes per input column, rows r and r+16 in one byte). If the second block is laid out
-    like the first, shifted by one block, `nibbles_of_block[:, gather]` is that block's codes
-    [32 * k] in row-major order, for any number of rows; otherwise (a future torch with another
-    layout) None, and callers keep torch's packed kernel.
-    """
-    if k not in _INT4_BLOCK:
-        p = _int4pack_positions(2 * INT4_BLOCK_ROWS, k).long()
-        n0 = INT4_BLOCK_ROWS * k
-        first, second = p[:n0], p[n0:]
-        ok = torch.equal(second, first + n0) and torch.equal(torch.sort(first).values, torch.arange(n0))
-        _INT4_BLOCK[k] = torch.argsort(first) if ok else None
-        _INT4_PERM.pop((2 * INT4_BLOCK_ROWS, k), None)  # the probe's table is not needed again
-    return _INT4_BLOCK[k]
-
-
 def _int4_rows(buffers: dict, scheme: Scheme, shape, r0: int, r1: int) -> torch.Tensor:
-    """Exact fp32 dequantized weight rows [r0, r1) (multiples of 32) of an Int4Kernel layer:
-    the stored scale/zero (not the kernel's bf16 copies), so it equals QuantizedWeight.dequantize."""
+    """Exact fp32 dequantized weight rows [r0, r1) of an Int4Kernel layer, from the storage
+    tensors it keeps (st_<part>): equal to those rows of QuantizedWeight.dequantize."""
     n, k = shape
-    g = _int4_block_gather(k)
-    raw = buffers["packed"].reshape(-1)[r0 * k // 2:r1 * k // 2]
-    nib = torch.stack([raw & 0xF, raw >> 4], -1).reshape((r1 - r0) // INT4_BLOCK_ROWS, -1)
-    c = nib.index_select(1, g).reshape(r1 - r0, k)  # kernel codes, centred on 8
-    scale = buffers["st_scale"]
-    zero = buffers.get("st_zero")
-    ng = scale.shape[1]
-    if scale.shape[0] == 1:  # per tensor
-        scale = scale.expand(n, ng)
-        zero = None if zero is None else zero.expand(n, ng)
-    q = c.reshape(r1 - r0, ng, k // ng).float()
-    # semantic codes: symmetric q = c - 8; affine q = c - 8 + 2^(b-1); w = s * (q - Z)
-    off = (8.0 - 2 ** (scheme.bits - 1)) if zero is not None else 8.0
-    shift = (zero[r0:r1].float() + off) if zero is not None else torch.full((1, 1), off)
-    return ((q - shift[..., None]) * scale[r0:r1].float()[..., None]).reshape(r1 - r0, k)
+    if (k * scheme.bits) % 8:  # rows do not start on a byte of the packed codes: the whole weight
+        return _storage(buffers, scheme, shape).dequantize()[r0:r1]
+    return _storage(buffers, scheme, shape, r0, r1).dequantize()
+
+
+def _storage(buffers: dict, scheme: Scheme, shape, r0: int = 0, r1: "int | None" = None) -> QuantizedWeight:
+    """The storage QuantizedWeight of rows [r0, r1) from a layer's st_<part> buffers: tensors
+    with one row per output row are sliced, the flat packed codes (`qweight`, rows of
+    k·bits/8 bytes) by bytes, per-tensor parameters kept whole."""
+    n, k = shape
+    r1 = n if r1 is None else r1
+    parts = {}
+    for name, t in buffers.items():
+        if not name.startswith("st_"):
+            continue
+        if (r0, r1) == (0, n) or t.dim() == 0:
+            parts[name[3:]] = t
+        elif name == "st_qweight" and t.dim() == 1:
+            row = k * scheme.bits // 8
+            parts[name[3:]] = t[r0 * row:r1 * row]
+        else:
+            parts[name[3:]] = t if t.shape[0] != n else t[r0:r1]
+    return QuantizedWeight(scheme, (r1 - r0, k), parts)
 
 
 def _widened_rows(x2: torch.Tensor, n: int, rows) -> torch.Tensor:
@@ -391,6 +358,7 @@ class Int4Kernel(Kernel):
     """
 
     name = "int4pack"
+    keeps_storage = True  # torch's int4 layout is internal to torch: the codes are kept as stored
 
     @staticmethod
     def supports(qw):
@@ -417,27 +385,18 @@ class Int4Kernel(Kernel):
         zk = zk.repeat_interleave(rep, dim=1)
         sz = torch.stack([sk.t(), zk.t()], -1).contiguous().to(ACT_DTYPE)  # [K/kg, N, 2]
         b = {"packed": torch._convert_weight_to_int4pack_for_cpu(c.to(torch.int32), 1), "sz": sz}
-        b.update({f"st_{name}": t for name, t in qw.tensors.items() if name != "qweight"})
+        b.update({f"st_{name}": t for name, t in qw.tensors.items()})  # the storage itself, not a copy
         b["kgroup"] = torch.tensor(kg)
         return b
 
     @staticmethod
     def unpack(buffers, scheme, shape):
-        n, k = shape
-        packed = buffers["packed"].reshape(-1)
-        nib = torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1).to(torch.int32)
-        c = torch.empty(n * k, dtype=torch.int32)
-        c[_int4pack_positions(n, k).long()] = nib
-        c = c.reshape(n, k)
-        zero = buffers.get("st_zero")
-        q = c - 8 + 2 ** (scheme.bits - 1) if zero is not None else c - 8
-        return from_int_codes(scheme, q, buffers["st_scale"], zero)
+        return _storage(buffers, scheme, shape)
 
     @staticmethod
     def matmul(x, buffers, scheme, shape):
         n, k = shape
-        if _widen_packed(x, k, WIDEN_INT4_MIN_ROWS) and n % INT4_BLOCK_ROWS == 0 \
-                and _int4_block_gather(k) is not None:
+        if _widen_packed(x, k, WIDEN_INT4_MIN_ROWS):
             y = _widened_rows(_flat(x).float(), n, lambda r0, r1: _int4_rows(buffers, scheme, shape, r0, r1))
             return y.reshape(*x.shape[:-1], n).to(x.dtype)
         xb = _flat(x).to(ACT_DTYPE)
@@ -517,11 +476,15 @@ class W8A8Kernel(Kernel):
         return qw.scheme.act in ("dynamic", "static")
 
     @staticmethod
-    def pack(qw):
+    def check(qw):
         s = qw.scheme
         if s.act == "static" and "in_scale" not in qw.tensors:
             raise ValueError(f"{s.name} needs the activation scale that calibration freezes: quantize it with "
                              "calibration data (--calib) rather than on its own")
+
+    @staticmethod
+    def pack(qw):
+        W8A8Kernel.check(qw)
         q, scale, _, _ = int_codes(qw)
         n, k = q.shape
         npad = -(-n // 16) * 16  # per-output vectors padded to whole 16-output panels

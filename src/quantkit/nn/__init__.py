@@ -3,5 +3,6 @@ built on them: fake-quantized Linears for QAT and LoRA adapters over a frozen ba
 from .fake_quant import FakeQuantLinear
 from .lora import LoRALinear
 from .quant_linear import QuantEmbedding, QuantLinear
+from .weights import linear_weight
 
-__all__ = ["QuantLinear", "QuantEmbedding", "FakeQuantLinear", "LoRALinear"]
+__all__ = ["QuantLinear", "QuantEmbedding", "FakeQuantLinear", "LoRALinear", "linear_weight"]

@@ -30,6 +30,7 @@ from ..formats.integer import (MAX_SCALE, MIN_SCALE, choose_qparams, fake_quanti
                                qrange, with_act_range)
 from ..observers import make_observer
 from ..scheme import PER_TENSOR, Scheme
+from .weights import linear_weight
 
 
 def check_qat_scheme(scheme: Scheme, lsq: bool = False) -> None:
@@ -99,8 +100,6 @@ class FakeQuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, mod: nn.Module, scheme: Scheme, lsq: bool = False) -> "FakeQuantLinear":
-        from ..pipeline import linear_weight
-
         w = linear_weight(mod)
         return cls(w, getattr(mod, "bias", None), scheme, lsq)
 

@@ -1,7 +1,10 @@
-"""`QuantLinear` and `QuantEmbedding`: modules that keep the packed weight in memory.
+"""`QuantLinear` and `QuantEmbedding`: modules that keep a quantized weight in memory.
 
-They only hold buffers (in the kernel's layout) and dispatch to a kernel; the storage
-`QuantizedWeight` is rebuilt exactly on demand (`quantized_weight()`), for saving.
+A QuantLinear holds the storage `QuantizedWeight` (the codec's tensors, as buffers `st_<part>`)
+from the moment it is built: that is what `save` writes, as it is. The kernel's layout is
+made from it once, the first time the layer runs (`quantize` followed by `save` never makes
+it). Then a kernel whose layout gives the storage back exactly (`Kernel.unpack`) lets the
+storage go; one that cannot without probing its layout (torch's int4 packing) keeps both.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from torch import nn
 
 from ..formats import QuantizedWeight
 from ..kernels import pick_kernel
+
+_ST = "st_"  # prefix of the storage buffers
 
 
 class QuantLinear(nn.Module):
@@ -20,30 +25,67 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = qw.shape
         self.scheme = qw.scheme
         self.kernel = pick_kernel(qw, kernel)
-        self._names = []
-        for name, t in self.kernel.pack(qw).items():
-            self.register_buffer(name, t, persistent=False)
-            self._names.append(name)
+        self.kernel.check(qw)
+        self._parts = list(qw.tensors)  # storage parts still held (st_<part>)
+        for part, t in qw.tensors.items():
+            self.register_buffer(_ST + part, t, persistent=False)
+        self._names: list[str] = []  # the kernel's buffers, once packed
+        self._bufs: "dict[str, torch.Tensor] | None" = None  # looked up once, not per call (decode runs ~200 per token)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._bufs = self.buffers_dict()  # looked up once, not per call (decode runs ~200 of these per token)
         self._shape = (self.out_features, self.in_features)
         self.run_stats = self.kernel.new_stats(self.scheme)  # kernel counters (LLM.int8() outliers, w8a8 clipping)
 
+    @property
+    def is_packed(self) -> bool:
+        """Whether the kernel's layout has been made (the layer has run)."""
+        return self._bufs is not None
+
+    def _storage(self) -> dict[str, torch.Tensor]:
+        return {part: getattr(self, _ST + part) for part in self._parts}
+
+    def pack(self) -> None:
+        """Make the kernel's layout from the storage (once; the first forward does it)."""
+        if self._bufs is not None:
+            return
+        bufs = self.kernel.pack(QuantizedWeight(self.scheme, self._shape, self._storage()))
+        for name, t in bufs.items():
+            if name in self._parameters or name in self._modules:
+                raise ValueError(f"kernel {self.kernel.name}: buffer name {name!r} clashes with the module's own")
+            self._buffers[name] = t  # not register_buffer: its hasattr() check would come back here
+            self._non_persistent_buffers_set.add(name)
+        self._names = list(bufs)
+        if not self.kernel.keeps_storage:
+            for part in self._parts:
+                if _ST + part not in bufs:
+                    del self._buffers[_ST + part]
+            self._parts = []
+        self._bufs = {n: getattr(self, n) for n in self._names}
+
     def buffers_dict(self) -> dict[str, torch.Tensor]:
+        """The kernel's buffers (packing first if the layer has not run yet)."""
+        if self._bufs is None:
+            self.pack()
         return {n: getattr(self, n) for n in self._names}
 
     def _apply(self, fn, *args, **kwargs):  # .to()/.cpu() replace buffers: refresh the cached dict
         out = super()._apply(fn, *args, **kwargs)
-        self._bufs = self.buffers_dict()
+        if self._bufs is not None:
+            self._bufs = {n: getattr(self, n) for n in self._names}
         return out
 
     def quantized_weight(self) -> QuantizedWeight:
-        return self.kernel.unpack(self.buffers_dict(), self.scheme, (self.out_features, self.in_features))
+        """The storage QuantizedWeight: the tensors held since the layer was built, or (when the
+        kernel let them go) rebuilt exactly from its layout."""
+        if self._parts:
+            return QuantizedWeight(self.scheme, self._shape, self._storage())
+        return self.kernel.unpack(self.buffers_dict(), self.scheme, self._shape)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return self.quantized_weight().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._bufs is None:
+            self.pack()
         if self.run_stats is not None:
             y = self.kernel.matmul(x, self._bufs, self.scheme, self._shape, stats=self.run_stats)
         else:
@@ -87,6 +129,7 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         lin = self.linear
+        lin.pack()
         if lin.scheme.kind == "float":
             out = lin.weight[ids].to(self.out_dtype)
         else:

@@ -15,10 +15,13 @@ from dataclasses import replace
 
 from torch import nn
 
+from ..algorithms import RecordedMethod
+from ..config import make_config
 from ..errors import SchemeError
+from ..modules import head_modules, iter_targets, set_module
 from ..nn import FakeQuantLinear, QuantLinear
-from ..pipeline import QuantInfo, _quantize_head, _set_module, head_modules, linear_weight, relative_error
-from ..scheme import Scheme, make_config, parse_scheme
+from ..pipeline import QuantInfo, quantize_head, relative_error
+from ..scheme import Scheme, parse_scheme
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +37,12 @@ def prepare_qat(model: nn.Module, scheme: "str | Scheme", lsq: bool = False, inp
     sc = parse_scheme(scheme)
     if not inplace:
         model = copy.deepcopy(model)
-    _, out_name, _ = head_modules(model)
-    names = [n for n, m in model.named_modules() if linear_weight(m) is not None and n != out_name]
-    if not names:
+    targets = iter_targets(model, make_config(sc, head="keep", strict_groups=strict_groups))
+    if not targets:
         raise SchemeError("this model has no Linear layers to train with quantization")
-    layers = {}
-    for name in names:
-        mod = model.get_submodule(name)
-        width = linear_weight(mod).shape[1]
-        layer_scheme = sc if strict_groups else sc.fallback_for(width)
-        if layer_scheme is None:
-            raise SchemeError(f"{name}: no group size of 32 or more divides its input width {width}; "
-                              "choose a per-channel scheme")
-        layers[name] = FakeQuantLinear.from_linear(mod, layer_scheme, lsq)
+    layers = {t.name: FakeQuantLinear.from_linear(model.get_submodule(t.name), t.scheme, lsq) for t in targets}
     for name, fq in layers.items():
-        _set_module(model, name, fq)
+        set_module(model, name, fq)
     model.qat_scheme = sc
     for p in model.parameters():
         p.requires_grad_(True)
@@ -64,19 +58,19 @@ def convert(model: nn.Module, head: str | None = None, kernel: str | None = None
     if not fq_layers:
         raise SchemeError("nothing to convert: the model has no fake-quantized layers (call prepare_qat first)")
     sc = getattr(model, "qat_scheme", fq_layers[0][1].scheme)
-    cfg = replace(make_config(sc, "rtn", head), method="qat")
+    cfg = replace(make_config(sc, head=head), method=RecordedMethod("qat"))
     info = QuantInfo(cfg)
     for name, fq in fq_layers:
         qw = fq.to_quantized()
         info.errors[name] = relative_error(fq.weight.detach().float(), qw)
         bias = None if fq.bias is None else fq.bias.detach()
-        _set_module(model, name, QuantLinear(qw, bias, kernel=kernel))
+        set_module(model, name, QuantLinear(qw, bias, kernel=kernel))
         info.layers[name], info.methods[name] = fq.scheme.name, "qat"
         if fq.scheme != sc:
             key = f"{sc.name} -> {fq.scheme.name} (input width {fq.in_features})"
             info.fallbacks[key] = info.fallbacks.get(key, 0) + 1
     emb_name, out_name, tied = head_modules(model)
-    _quantize_head(model, cfg, info, emb_name, out_name, tied)
+    quantize_head(model, cfg, info, emb_name, out_name, tied)
     for p in model.parameters():
         p.requires_grad_(False)
     model.quantkit = info

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import SchemeError
 from ..io.atomic import atomic_dir
 from ..nn import LoRALinear, QuantEmbedding, QuantLinear
-from ..pipeline import _set_module, linear_weight
+from ..modules import linear_weight, set_module
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 DEFAULT_SCHEME = "nf4-b64-dq"
@@ -30,7 +30,7 @@ def prepare_qlora(model: nn.Module, scheme: str = DEFAULT_SCHEME, r: int = 8, al
                   targets=DEFAULT_TARGETS, compute_dtype: str = "fp32", progress: bool = False) -> nn.Module:
     """A 4-bit copy of `model` with trainable LoRA adapters on the `targets` Linears."""
     from ..pipeline import quantize_model, validate_config
-    from ..scheme import make_config
+    from ..config import make_config
 
     if compute_dtype not in COMPUTE_DTYPES:
         raise SchemeError(f"unknown compute dtype {compute_dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
@@ -45,11 +45,11 @@ def prepare_qlora(model: nn.Module, scheme: str = DEFAULT_SCHEME, r: int = 8, al
     qmodel = quantize_model(base, cfg, progress=progress)
     for name, mod in list(qmodel.named_modules()):  # gradients flow through every base layer to the adapters
         if isinstance(mod, QuantLinear) and not mod.kernel.differentiable:
-            _set_module(qmodel, name, QuantLinear(mod.quantized_weight(), mod.bias, kernel="dequant"))
+            set_module(qmodel, name, QuantLinear(mod.quantized_weight(), mod.bias, kernel="dequant"))
     wrapped = []
     for name, mod in list(qmodel.named_modules()):
         if isinstance(mod, QuantLinear) and name.rsplit(".", 1)[-1] in targets and name in qmodel.quantkit.layers:
-            _set_module(qmodel, name, LoRALinear(mod, mod.in_features, mod.out_features, r, alpha, dropout))
+            set_module(qmodel, name, LoRALinear(mod, mod.in_features, mod.out_features, r, alpha, dropout))
             wrapped.append(name)
     if not wrapped:
         names = sorted({n.rsplit(".", 1)[-1] for n in qmodel.quantkit.layers})
@@ -134,14 +134,14 @@ def dequantized_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> n
     m = copy.deepcopy(model)
     for name, mod in list(m.named_modules()):
         if isinstance(mod, LoRALinear):
-            _set_module(m, name, mod.base)
+            set_module(m, name, mod.base)
     emb = {}
     for name, mod in list(m.named_modules()):
         if isinstance(mod, QuantEmbedding):
             w = mod.quantized_weight().dequantize(dtype)
             e = nn.Embedding(w.shape[0], w.shape[1], padding_idx=mod.padding_idx, dtype=dtype)
             e.weight = nn.Parameter(w, requires_grad=False)
-            _set_module(m, name, e)
+            set_module(m, name, e)
             emb[id(mod.linear)] = e
     for name, mod in list(m.named_modules()):
         if isinstance(mod, QuantLinear):
@@ -152,7 +152,7 @@ def dequantized_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> n
                 lin.weight = nn.Parameter(mod.dequantized_weight(dtype), requires_grad=False)
             if mod.bias is not None:
                 lin.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
-            _set_module(m, name, lin)
+            set_module(m, name, lin)
     for attr in ("quantkit", "lora_config"):
         if hasattr(m, attr):
             delattr(m, attr)
@@ -164,7 +164,7 @@ def merge(model: nn.Module, scheme: "str | None" = None) -> nn.Module:
     """Fold every adapter into its base weight and quantize it again (round to nearest) with
     the base's scheme, or `scheme` (e.g. "int8": a finer grid keeps more of a small update),
     in place; returns a plain quantized model (`qk.save` takes it)."""
-    from .. import algorithms
+    from ..algorithms import method_of
     from ..scheme import parse_scheme
 
     target = None if scheme is None else parse_scheme(scheme)
@@ -177,8 +177,8 @@ def merge(model: nn.Module, scheme: "str | None" = None) -> nn.Module:
         base = m.base
         w = base.dequantized_weight(torch.float32) + m.delta_weight()
         sc = base.scheme if target is None else target.fallback_for(w.shape[1]) or target
-        qw = algorithms.get("rtn").fn(w, sc, {})
-        _set_module(model, name, QuantLinear(qw, base.bias))
+        qw = method_of("rtn").quantize(w, sc, {})
+        set_module(model, name, QuantLinear(qw, base.bias))
         info.methods[name] = "qlora-merge"
         info.layers[name] = sc.name
         info.errors[name] = float((w - qw.dequantize()).norm() / w.norm().clamp(min=1e-12))

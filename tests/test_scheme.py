@@ -64,7 +64,8 @@ def test_parse_schemes():
 
 
 # ----------------------------------------------------------------------------- fallbacks the grammar accepts
-from quantkit.scheme import GRAMMAR, Rule  # noqa: E402
+from quantkit.config import Rule
+from quantkit.scheme import GRAMMAR  # noqa: E402
 
 INT_GROUPS = (32, 64, 128, 256, 1024)  # the -gN the grammar lists (GRAMMAR text), written out independently
 BLOCKS = tuple(2 ** k for k in range(5, 13))  # nf4/fp4 -bN: powers of two from 32 to 4096
@@ -110,7 +111,9 @@ _SPELLING = re.compile(r"(?<![\w-])(?:int[2-8](?:-[a-z0-9]+)*|(?:nf4|fp4)(?:-[a-
 
 def _messages():
     """The message of every SchemeError scheme.py raises on bad input."""
-    from quantkit.scheme import GPTQOptions, QuantConfig, gguf_scheme, make_config
+    from quantkit.algorithms import GPTQ, SmoothQuant
+    from quantkit.config import make_config
+    from quantkit.scheme import gguf_scheme
 
     calls = [lambda t=t: parse_scheme(t) for t in
              ("int9", "int4-g100", "int4-g512", "int3-g-2-sym", "nf4-b48", "fp4-b8192-dq", "nf5", "", "fp8-e3m4",
@@ -124,8 +127,8 @@ def _messages():
               lambda: parse_scheme("w8a8-static-mse-o64").validate_for((8, 64), "L"),
               lambda: parse_scheme("int8").validate_for((8, 4, 2), "L"),
               lambda: gguf_scheme("Q9_K"), lambda: parse_schemes("int8,,nf4"), lambda: parse_schemes("int8,int8"),
-              lambda: GPTQOptions(damp=2), lambda: GPTQOptions(block_size=0),
-              lambda: QuantConfig(parse_scheme("int8"), smooth=3), lambda: make_config("int8", smooth="x"),
+              lambda: GPTQ(damp=2), lambda: GPTQ(block_size=0),
+              lambda: SmoothQuant(alpha=3), lambda: make_config("int8", transforms=[{"name": "smoothquant", "options": {"alpha": "x"}}]),
               lambda: make_config("int8", head="int4"), lambda: make_config("int4", method="llm-int8"),
               lambda: Rule("", None)]
     out = []
