@@ -42,7 +42,7 @@ def _check_windows(windows: torch.Tensor) -> None:
         )
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -51,7 +51,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Switch dropout & co. off while measuring; restore the caller's mode afterwards."""
     was_training = model.training
     model.eval()
@@ -67,7 +67,7 @@ def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     window: [ctx] token ids. Returns [ctx - 1, vocab] in at least float32 (bf16/fp16 logits are
     upcast before the softmax); row ``t`` is the distribution over token ``t + 1``.
     """
-    logits = model(input_ids=window.to(_device_of(model))[None]).logits[0, :-1]  # [ctx-1, V]
+    logits = model(input_ids=window.to(device_of(model))[None]).logits[0, :-1]  # [ctx-1, V]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.log_softmax(logits, dim=-1)
 
@@ -110,7 +110,7 @@ class ReferenceCache:
         n, ctx = self.windows.shape
         nll_sum = 0.0
         self.logprobs: torch.Tensor | None = None  # [n, ctx-1, V] float16, allocated on first window
-        with torch.inference_mode(), _eval_mode(model), _progress(n, progress, "reference") as bar:
+        with torch.inference_mode(), eval_mode(model), _progress(n, progress, "reference") as bar:
             for i in range(n):
                 lp = _log_probs(model, self.windows[i])  # [ctx-1, V]
                 if self.logprobs is None:
@@ -173,9 +173,9 @@ def score(
     agree = 0
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
-        stack.enter_context(_eval_mode(model))
+        stack.enter_context(eval_mode(model))
         if ref_model is not None and ref_model is not model:
-            stack.enter_context(_eval_mode(ref_model))
+            stack.enter_context(eval_mode(ref_model))
         bar = stack.enter_context(_progress(n, progress, "score"))
         for i in range(n):
             window = windows[i]

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache, StaticCache
 
 from quantkit.errors import DataError, QuantkitError
-from quantkit.evaluate.quality import _device_of, _eval_mode
+from quantkit.evaluate.quality import device_of, eval_mode
 
 __all__ = ["decode_speed", "greedy_generate", "greedy_tokens", "prefill_speed"]
 
@@ -50,7 +50,7 @@ def _greedy(model: nn.Module, prompt_ids: torch.Tensor, steps: int) -> tuple[tor
     Returns (tokens [steps + 1]: the prefill's prediction then one per decode step,
     seconds spent in the decode steps only). Call under inference_mode and eval mode.
     """
-    device = _device_of(model)
+    device = device_of(model)
     cache = _new_cache(model)
     out = model(input_ids=prompt_ids.to(device), past_key_values=cache, use_cache=True)
     if out.past_key_values is not None:
@@ -87,7 +87,7 @@ def _compiled_step(model: nn.Module):
 def _greedy_compiled(model: nn.Module, prompt_ids: torch.Tensor, steps: int, cache_len: int) -> tuple[torch.Tensor, float]:
     """`_greedy` with a StaticCache of `cache_len` positions and compiled decode steps (the
     prefill runs eagerly). Same return values."""
-    device = _device_of(model)
+    device = device_of(model)
     p = prompt_ids.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
     out = model(input_ids=prompt_ids.to(device), past_key_values=cache, use_cache=True,
@@ -111,7 +111,7 @@ def greedy_tokens(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 
     _check_ids(prompt_ids, batch_one=True)
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         tokens, _ = _greedy(model, prompt_ids, new_tokens - 1)
     return tokens
 
@@ -137,13 +137,13 @@ def decode_speed(
     _check_ids(prompt_ids, batch_one=True)
     if new_tokens < 1 or repeats < 1 or warmup < 0:
         raise ValueError("need new_tokens >= 1, repeats >= 1 and warmup >= 0")
-    if compile and _device_of(model).type == "cpu":
+    if compile and device_of(model).type == "cpu":
         import shutil
 
         if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             raise QuantkitError("compile=True needs a C++ compiler on the PATH for torch.compile on CPU "
                                 "(install g++, e.g. apt install g++), or measure with compile=False")
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         if compile:
             cache_len = prompt_ids.shape[1] + max(new_tokens, warmup) + 1  # one shape: one graph
             run = lambda steps: _greedy_compiled(model, prompt_ids, steps, cache_len)  # noqa: E731
@@ -174,10 +174,10 @@ def prefill_speed(model: nn.Module, ids: torch.Tensor, warmup: int = 1, repeats:
         if "logits_to_keep" not in inspect.signature(model.forward).parameters:
             raise ValueError(f"{type(model).__name__}.forward has no logits_to_keep: measure with last_logits=False")
         extra["logits_to_keep"] = 1
-    device = _device_of(model)
+    device = device_of(model)
     ids = ids.to(device)
     best = float("inf")
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         for i in range(warmup + repeats):
             cache = _new_cache(model)
             _sync(device)

@@ -9,7 +9,7 @@ import torch
 
 from ..scheme import Scheme, parse_scheme
 from .base import FORMATS, Codec, QuantizedWeight, register
-from . import integer, floats, codebook, ggml  # noqa: F401  (each module registers its codecs)
+from . import integer, floats, codebook, ggml, ggml_k  # noqa: F401  (each module registers its codecs)
 
 
 def quantize(w: torch.Tensor, scheme: "Scheme | str") -> QuantizedWeight:

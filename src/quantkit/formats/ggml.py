@@ -4,7 +4,8 @@ A GGML type stores a row of `k` values as k/block blocks of `nbytes` bytes each.
 holds the table of types (`GGML_TYPES`, name -> GGMLType) and, for each, a quantizer that
 reproduces llama.cpp's reference rounding (`quantize_row_*_ref` in ggml-quants.c, which the
 `gguf` package mirrors) bit for bit, and a dequantizer. Tests check both against the `gguf`
-package. The K-quants (super-blocks of 256) are in `ggml_k.py` and register here.
+package. The K-quants (super-blocks of 256) are in `ggml_k.py`; both register into the one
+table of `ggml_types.py`.
 
 The legacy types are linear grids over blocks of 32: value = d·q + m with one float16 `d`
 (and, for the `_1` types, one float16 `m`) per block.
@@ -23,43 +24,13 @@ can encode against the stored float16 d instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from .ggml_types import (GGML_TYPES, GGMLType, dequantize_rows, f16_bytes, f16_from, grid,  # noqa: F401
+                         quantize_rows, register, register_grid)
+
 BLOCK = 32  # values per block of the legacy types
-
-
-@dataclass(frozen=True)
-class GGMLType:
-    """One GGUF tensor type: `quantize` [n, block] float32 -> [n, nbytes] uint8, `dequantize` back."""
-
-    name: str
-    block: int
-    nbytes: int
-    quantize: Callable[[torch.Tensor], torch.Tensor]
-    dequantize: Callable[[torch.Tensor], torch.Tensor]
-
-    def bytes_for(self, n_values: int) -> int:
-        return n_values // self.block * self.nbytes
-
-
-GGML_TYPES: dict[str, GGMLType] = {}
-
-
-def register(t: GGMLType) -> GGMLType:
-    GGML_TYPES[t.name] = t
-    return t
-
-
-def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """float [n] -> uint8 [n, 2] (float16, little-endian)."""
-    return x.to(torch.float16).reshape(-1, 1).view(torch.uint8)
-
-
-def _f16_from(b: torch.Tensor) -> torch.Tensor:
-    """uint8 [n, 2] -> float32 [n]."""
-    return b.contiguous().view(torch.float16).reshape(-1).float()
 
 
 def _inv(d: torch.Tensor) -> torch.Tensor:
@@ -130,9 +101,9 @@ class LinearGrid:
 
     def pack_dm(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """codes [n, 32], d [n], m [n] -> [n, nbytes] uint8."""
-        parts = [_f16_bytes(d)]
+        parts = [f16_bytes(d)]
         if self.affine:
-            parts.append(_f16_bytes(m))
+            parts.append(f16_bytes(m))
         if self.qmax - self.qmin == 254:  # Q8_0
             parts.append(q.to(torch.int8).view(torch.uint8))
         else:
@@ -144,11 +115,11 @@ class LinearGrid:
 
     def unpack(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[n, nbytes] uint8 -> codes [n, 32] int32, d [n], m [n] (float32)."""
-        d = _f16_from(b[:, 0:2])
+        d = f16_from(b[:, 0:2])
         o = 2
         m = torch.zeros_like(d)
         if self.affine:
-            m, o = _f16_from(b[:, 2:4]), 4
+            m, o = f16_from(b[:, 2:4]), 4
         if self.qmax - self.qmin == 254:
             return b[:, o:].contiguous().view(torch.int8).to(torch.int32), d, m
         hi = 0
@@ -197,6 +168,7 @@ LINEAR_GRIDS = {g.name: g for g in (
 )}
 for _g in LINEAR_GRIDS.values():
     register(_g.ggml_type())
+    register_grid(_g.name, _g)
 
 
 def _bf16_quantize(x: torch.Tensor) -> torch.Tensor:
@@ -210,53 +182,6 @@ register(GGMLType("F16", 1, 2, lambda x: x.float().to(torch.float16).view(torch.
 register(GGMLType("BF16", 1, 2, _bf16_quantize, lambda b: b.contiguous().view(torch.bfloat16).float()))
 
 
-def ggml_type(name: str) -> GGMLType:
-    from ..errors import SchemeError
-
-    t = GGML_TYPES.get(name.upper())
-    if t is None:
-        raise SchemeError(f"unknown GGUF tensor type {name!r}; known: {', '.join(GGML_TYPES)}")
-    return t
-
-
-def quantize_rows(w: torch.Tensor, type_name: str) -> torch.Tensor:
-    """float tensor [..., k] -> uint8 [..., k/block·nbytes] in GGML type `type_name`."""
-    from ..errors import SchemeError
-
-    t = ggml_type(type_name)
-    k = w.shape[-1]
-    if k % t.block:
-        raise SchemeError(f"{t.name} needs rows that are a multiple of {t.block} values; this tensor has {k}")
-    blocks = w.detach().float().reshape(-1, t.block)
-    if t.block == 1:
-        return t.quantize(w.detach()).reshape(*w.shape[:-1], k * t.nbytes)
-    return t.quantize(blocks).reshape(*w.shape[:-1], k // t.block * t.nbytes)
-
-
-def dequantize_rows(b: torch.Tensor, type_name: str) -> torch.Tensor:
-    """uint8 [..., nbytes·n_blocks] -> float32 [..., n_blocks·block]."""
-    t = ggml_type(type_name)
-    lead = b.shape[:-1]
-    nb = b.shape[-1] // t.nbytes
-    out = t.dequantize(b.reshape(-1, t.nbytes).contiguous())
-    return out.reshape(*lead, nb * t.block)
-
-
-from . import ggml_k  # noqa: E402  (registers the K-quants and IQ4_NL)
-
-
-def grid(type_name: str):
-    """The grid of a block type (params / code / value / pack), for solvers such as GPTQ."""
-    t = type_name.upper()
-    if t in LINEAR_GRIDS:
-        return LINEAR_GRIDS[t]
-    if t in ggml_k.K_GRIDS:
-        return ggml_k.K_GRIDS[t]
-    from ..errors import SchemeError
-
-    raise SchemeError(f"no grid for GGML type {type_name!r}")
-
-
 class GGMLCodec:
     """Scheme kind "ggml" (`gguf-q4_k`, ...): the weight stored as the GGUF file stores it,
     "qweight" uint8 [out, in/block·nbytes]. A GGUF export copies these bytes unchanged."""
@@ -266,7 +191,6 @@ class GGMLCodec:
     def quantize(self, w: torch.Tensor, scheme) -> "QuantizedWeight":
         from .base import QuantizedWeight
 
-        scheme.validate_for(tuple(w.shape))
         if not bool(torch.isfinite(w).all()):
             raise ValueError("cannot quantize a weight that contains NaN or Inf")
         return QuantizedWeight(scheme, (int(w.shape[0]), int(w.shape[1])),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .ggml import GGMLType, _f16_bytes, _f16_from, register
+from .ggml_types import GGMLType, f16_bytes, f16_from, register, register_grid
 
 QK = 256
 _SHIFT2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
@@ -262,30 +262,30 @@ class KGrid:
 
 def _q2k_pack(q, P):
     scales = (P["sc"] | (P["mn"] << 4)).to(torch.uint8)
-    return torch.cat([scales, _pack_2bit(q), _f16_bytes(P["d"]), _f16_bytes(P["dmin"])], dim=1)
+    return torch.cat([scales, _pack_2bit(q), f16_bytes(P["d"]), f16_bytes(P["dmin"])], dim=1)
 
 
 def _q2k_dequantize(b):
     scales = b[:, :16].to(torch.int32)
     q = _unpack_2bit(b[:, 16:80]).float().reshape(-1, 16, 16)
-    d, dmin = _f16_from(b[:, 80:82]), _f16_from(b[:, 82:84])
+    d, dmin = f16_from(b[:, 80:82]), f16_from(b[:, 82:84])
     dl = (d[:, None] * (scales & 0x0F).float())[:, :, None]
     ml = (dmin[:, None] * (scales >> 4).float())[:, :, None]
     return (dl * q - ml).reshape(-1, QK)
 
 
 def _q4k_pack(q, P):
-    return torch.cat([_f16_bytes(P["d"]), _f16_bytes(P["dmin"]), _pack_scales_k4(P["sc"], P["mn"]),
+    return torch.cat([f16_bytes(P["d"]), f16_bytes(P["dmin"]), _pack_scales_k4(P["sc"], P["mn"]),
                       _pack_nib32(q)], dim=1)
 
 
 def _q5k_pack(q, P):
-    return torch.cat([_f16_bytes(P["d"]), _f16_bytes(P["dmin"]), _pack_scales_k4(P["sc"], P["mn"]),
+    return torch.cat([f16_bytes(P["d"]), f16_bytes(P["dmin"]), _pack_scales_k4(P["sc"], P["mn"]),
                       _pack_bits(q >> 4), _pack_nib32(q & 0x0F)], dim=1)
 
 
 def _k4_dequant(b, q):
-    d, dmin = _f16_from(b[:, 0:2]), _f16_from(b[:, 2:4])
+    d, dmin = f16_from(b[:, 0:2]), f16_from(b[:, 2:4])
     sc, mn = _unpack_scales_k4(b[:, 4:16])
     dl = (d[:, None] * sc.float())[:, :, None]
     ml = (dmin[:, None] * mn.float())[:, :, None]
@@ -302,14 +302,14 @@ def _q5k_dequantize(b):
 
 def _q3k_pack(q, P):
     u = q + 4  # 0..7: low 2 bits in qs, bit 2 in hmask
-    return torch.cat([_pack_bits(u >> 2), _pack_2bit(u & 3), _pack_scales_q3(P["sc"] + 32), _f16_bytes(P["d"])], dim=1)
+    return torch.cat([_pack_bits(u >> 2), _pack_2bit(u & 3), _pack_scales_q3(P["sc"] + 32), f16_bytes(P["d"])], dim=1)
 
 
 def _q3k_dequantize(b):
     hm = _unpack_bits(b[:, 0:32])
     ql = _unpack_2bit(b[:, 32:96])
     sc = (_unpack_scales_q3(b[:, 96:108]) - 32).float()
-    d = _f16_from(b[:, 108:110])
+    d = f16_from(b[:, 108:110])
     q = (ql - ((hm ^ 1) << 2)).float().reshape(-1, 16, 16)
     return ((d[:, None] * sc)[:, :, None] * q).reshape(-1, QK)
 
@@ -320,7 +320,7 @@ def _q6k_pack(q, P):
     ql = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(-1, 128)  # byte 64h + l: r = l (low), 64 + l (high)
     hi = (u >> 4).reshape(-1, 2, 4, 32)  # r = 32k + l -> byte 32h + l, bits 2k
     qh = (hi << _SHIFT2.view(1, 1, 4, 1)).sum(dim=2, dtype=torch.int32).to(torch.uint8).reshape(-1, 64)
-    return torch.cat([ql, qh, P["sc"].to(torch.int8).view(torch.uint8), _f16_bytes(P["d"])], dim=1)
+    return torch.cat([ql, qh, P["sc"].to(torch.int8).view(torch.uint8), f16_bytes(P["d"])], dim=1)
 
 
 def _q6k_dequantize(b):
@@ -329,7 +329,7 @@ def _q6k_dequantize(b):
     qh = ((b[:, 128:192].reshape(-1, 2, 1, 32) >> _SHIFT2.view(1, 1, 4, 1)) & 3).reshape(-1, 2, 128)
     q = ((ql | (qh << 4)).to(torch.int32) - 32).float().reshape(-1, 16, 16)
     sc = b[:, 192:208].contiguous().view(torch.int8).float()
-    d = _f16_from(b[:, 208:210])
+    d = f16_from(b[:, 208:210])
     return ((d[:, None] * sc)[:, :, None] * q).reshape(-1, QK)
 
 
@@ -372,7 +372,7 @@ class IQ4NLGrid:
 
     def pack(self, q: torch.Tensor, P: dict) -> torch.Tensor:
         q = q.to(torch.uint8)
-        return torch.cat([_f16_bytes(P["d"]), q[:, :16] | (q[:, 16:] << 4)], dim=1)
+        return torch.cat([f16_bytes(P["d"]), q[:, :16] | (q[:, 16:] << 4)], dim=1)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         P = self.params(x)
@@ -380,7 +380,7 @@ class IQ4NLGrid:
 
 
 def _iq4nl_dequantize(b):
-    d = _f16_from(b[:, 0:2])
+    d = f16_from(b[:, 0:2])
     q = torch.cat([b[:, 2:18] & 0x0F, b[:, 2:18] >> 4], dim=1).long()
     return d[:, None] * IQ4_LEVELS[q]
 
@@ -397,3 +397,4 @@ _DEQUANT = {"Q2_K": _q2k_dequantize, "Q3_K": _q3k_dequantize, "Q4_K": _q4k_dequa
             "Q6_K": _q6k_dequantize, "IQ4_NL": _iq4nl_dequantize}
 for _name, _g in K_GRIDS.items():
     register(GGMLType(_name, _g.group, _g.nbytes, _g.quantize, _DEQUANT[_name]))
+    register_grid(_name, _g)
