@@ -47,7 +47,9 @@ def test_llama_roles(tiny_llama):
     assert parts["attention"]["params"] == L * (2 * H * H + 2 * H * kv)
     assert parts["mlp"]["params"] == L * 3 * H * I
     assert parts["norms"]["params"] == (2 * L + 1) * H
-    assert parts["other"]["params"] == 0 and parts["other"]["buffers"] > 0  # rotary tables
+    # rotary tables: inv_freq (and its original copy), head_dim / 2 entries each
+    rotary = sum(b.numel() for b in tiny_llama.model.rotary_emb.buffers())
+    assert parts["other"]["params"] == 0 and parts["other"]["buffers"] == rotary >= H // 4 // 2
 
 
 def test_gpt2_roles(tiny_gpt2):

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -6,7 +8,16 @@ from transformers import PreTrainedTokenizerFast
 from quantkit.errors import DataError
 from quantkit.evaluate import decode_speed, greedy_generate, greedy_tokens, prefill_speed
 
+from measure_support import MIN_FORWARD_S  # a floor under one eager forward's time
+
 PROMPT = torch.tensor([[5, 17, 99, 3, 42]])
+
+
+def _timed(fn, *args, **kwargs):
+    """(fn's result, the wall time around the call): no time measured inside can exceed it."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
 
 
 def _naive_greedy(model, ids, n):
@@ -36,20 +47,24 @@ def test_cached_greedy_matches_recompute(name, request):
 
 
 def test_decode_speed(tiny_llama):
-    result = decode_speed(tiny_llama, PROMPT, new_tokens=6, warmup=2, repeats=2)
+    result, wall = _timed(decode_speed, tiny_llama, PROMPT, new_tokens=6, warmup=2, repeats=2)
     assert set(result) == {"decode_tokens_per_s", "new_tokens", "seconds"}
     assert result["new_tokens"] == 6
-    assert result["seconds"] > 0
+    assert 6 * MIN_FORWARD_S <= result["seconds"] <= wall  # six timed decode steps, inside the call
     assert result["decode_tokens_per_s"] == pytest.approx(6 / result["seconds"])
 
 
 def test_decode_speed_without_warmup(tiny_gpt2):
-    assert decode_speed(tiny_gpt2, PROMPT, new_tokens=3, warmup=0)["decode_tokens_per_s"] > 0
+    result, wall = _timed(decode_speed, tiny_gpt2, PROMPT, new_tokens=3, warmup=0)
+    tps = result["decode_tokens_per_s"]
+    assert 3 / wall <= tps <= 1 / MIN_FORWARD_S  # 3 steps within the call's wall time; one token per forward
+    assert tps == pytest.approx(3 / result["seconds"])
 
 
 def test_prefill_speed(tiny_llama):
     ids = torch.randint(0, 256, (2, 12))
-    assert prefill_speed(tiny_llama, ids, warmup=0, repeats=1) > 0
+    tps, wall = _timed(prefill_speed, tiny_llama, ids, warmup=0, repeats=1)
+    assert ids.numel() / wall <= tps <= ids.numel() / MIN_FORWARD_S  # one timed forward of 24 tokens
 
 
 def test_prefill_speed_last_logits_projects_one_position(tiny_llama):
@@ -57,7 +72,8 @@ def test_prefill_speed_last_logits_projects_one_position(tiny_llama):
     seen = []
     h = tiny_llama.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     try:
-        assert prefill_speed(tiny_llama, ids, warmup=0, repeats=1, last_logits=True) > 0
+        tps, wall = _timed(prefill_speed, tiny_llama, ids, warmup=0, repeats=1, last_logits=True)
+        assert ids.numel() / wall <= tps <= ids.numel() / MIN_FORWARD_S
         prefill_speed(tiny_llama, ids, warmup=0, repeats=1)
     finally:
         h.remove()
@@ -105,8 +121,9 @@ def test_compiled_decode_gives_the_cached_greedy_tokens(tiny_llama):
         got, _ = _greedy_compiled(tiny_llama, PROMPT, 9, cache_len=PROMPT.shape[1] + 10)
         again, _ = _greedy_compiled(tiny_llama, PROMPT, 9, cache_len=PROMPT.shape[1] + 10)
     assert torch.equal(got, _naive_greedy(tiny_llama, PROMPT, 10)) and torch.equal(got, again)
-    result = decode_speed(tiny_llama, PROMPT, new_tokens=4, warmup=0, compile=True)
-    assert result["new_tokens"] == 4 and result["decode_tokens_per_s"] > 0
+    result, wall = _timed(decode_speed, tiny_llama, PROMPT, new_tokens=4, warmup=0, compile=True)
+    assert result["new_tokens"] == 4 and 0 < result["seconds"] <= wall  # compiling is untimed, but inside the call
+    assert 4 / wall <= result["decode_tokens_per_s"] == pytest.approx(4 / result["seconds"])
 
 
 def test_compiled_decode_without_a_compiler_says_what_to_install(tiny_llama, monkeypatch):

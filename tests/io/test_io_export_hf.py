@@ -14,6 +14,8 @@ import quantkit as qk
 from quantkit.errors import SchemeError
 from quantkit.io.export_hf import export_hf, export_scheme, model_name, pack_int32, unpack_int32
 
+from export_reference import dequant_ct, dequant_gptq  # the layouts' slow readers, shared with the conformance test
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256)
 
@@ -42,24 +44,6 @@ def test_packing_is_lsb_first_by_hand():
         assert torch.equal(unpack_int32(pack_int32(c, 2, dim), 2, dim), c)
 
 
-def _dequant_gptq(t, name, bits):
-    qw = unpack_int32(t[f"{name}.qweight"], bits, dim=0)  # [in, out]
-    qz = (unpack_int32(t[f"{name}.qzeros"], bits, dim=1) + 1) & (2**bits - 1)  # v1: stored zero - 1
-    g = t[f"{name}.g_idx"].long()
-    s = t[f"{name}.scales"].float()
-    return (s[g] * (qw - qz[g]).float()).t()
-
-
-def _dequant_ct(t, name, bits, sym, g):
-    out, inn = t[f"{name}.weight_shape"].tolist()
-    u = unpack_int32(t[f"{name}.weight_packed"], bits, dim=1)
-    z = 2 ** (bits - 1) if sym else unpack_int32(t[f"{name}.weight_zero_point"], bits, dim=0)
-    s = t[f"{name}.weight_scale"].float()
-    if not sym:
-        z = z.repeat_interleave(g, 1)
-    return s.repeat_interleave(g, 1) * (u - z).float()
-
-
 @pytest.mark.parametrize("fmt,scheme", [("gptq", "int4-g32-sym"), ("gptq", "int4-g32-asym"), ("gptq", "int8-sym"),
                                         ("gptq", "int2-g32-asym"), ("compressed-tensors", "int4-g32-sym"),
                                         ("compressed-tensors", "int4-g64-asym"), ("compressed-tensors", "int8-sym")])
@@ -72,10 +56,10 @@ def test_stored_tensors_dequantize_to_quantkits_weights(tiny, tmp_path, fmt, sch
     for name in qm.quantkit.layers:
         want = qm.get_submodule(name).dequantized_weight()
         if fmt == "gptq":
-            got = _dequant_gptq(t, name, sc.bits)
+            got = dequant_gptq(t, name, sc.bits)
         else:
             g = want.shape[1] if sc.group_size < 0 else sc.group_size
-            got = _dequant_ct(t, name, sc.bits, sc.symmetric, g)
+            got = dequant_ct(t, name, sc.bits, sc.symmetric, g)
         assert torch.equal(got, want), name
     assert torch.equal(t["model.embed_tokens.weight"].float(), qm.model.embed_tokens.linear.dequantized_weight())
     assert "lm_head.weight" not in t and s.layers == 14
