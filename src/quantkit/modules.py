@@ -22,7 +22,7 @@ from .scheme import Scheme, parse_scheme
 
 log = logging.getLogger(__name__)
 
-__all__ = ["linear_weight", "set_module", "head_modules", "quantized_summary", "check_float", "head_storage",
+__all__ = ["linear_weight", "set_module", "head_modules", "tied_embeddings", "quantized_summary", "check_float", "head_storage",
            "head_scheme", "check_rules", "quantizable_layers", "Target", "iter_targets", "resolve_layer",
            "tensor_key", "unique_tensors", "fallbacks", "HEAD_STORAGES"]
 
@@ -57,6 +57,16 @@ def head_modules(model: nn.Module) -> tuple[str | None, str | None, bool]:
         out is getattr(emb, "linear", None)
         or (getattr(emb, "weight", None) is not None and emb.weight is getattr(out, "weight", None)))
     return emb_name, out_name, tied
+
+
+def tied_embeddings(model: nn.Module, emb: nn.Module) -> list[str]:
+    """Names of the other embedding modules that hold `emb`'s very table (T5's
+    encoder/decoder.embed_tokens share `shared`): a swapped table must replace them too, or
+    they keep (and run on) the float copy."""
+    w = getattr(emb, "weight", None)
+    if w is None:
+        return []
+    return [n for n, m in model.named_modules() if m is not emb and isinstance(m, nn.Embedding) and m.weight is w]
 
 
 def quantized_summary(model: nn.Module) -> str | None:

@@ -24,7 +24,7 @@ from .errors import SchemeError
 from .formats import QuantizedWeight, quantize
 from .formats.integer import with_act_range
 from .memory import file_backed, release_file_pages
-from .modules import fallbacks, head_modules, head_scheme, head_storage, iter_targets, linear_weight, set_module
+from .modules import fallbacks, head_modules, head_scheme, head_storage, iter_targets, linear_weight, set_module, tied_embeddings
 from .nn import QuantEmbedding, QuantLinear
 from .scheme import PER_TENSOR, Scheme, parse_scheme
 
@@ -156,7 +156,10 @@ def quantize_head(model, cfg: QuantConfig, info: QuantInfo, emb_name, out_name, 
         qe = QuantEmbedding(quantize_table(emb.weight.detach().float(), scheme, from_file), emb.padding_idx,
                             out_dtype=emb.weight.dtype if emb.weight.is_floating_point() else torch.float32,
                             embed_scale=getattr(emb, "embed_scale", None))
+        aliases = tied_embeddings(model, emb)
         set_module(model, emb_name, qe)
+        for a in aliases:  # the same table under other names: one QuantEmbedding for all
+            set_module(model, a, qe)
         if tied and out is not None:
             set_module(model, out_name, qe.linear)  # one table, two uses
             return

@@ -30,11 +30,12 @@ from torch import nn
 from ..errors import QuantkitError, SourceError
 from ..formats import QuantizedWeight
 from ..nn import QuantEmbedding, QuantLinear
-from ..modules import head_modules, head_scheme, head_storage, iter_targets, linear_weight, set_module
+from ..modules import head_modules, head_scheme, head_storage, iter_targets, linear_weight, set_module, tied_embeddings
 from ..pipeline import QuantInfo
 from ..config import QuantConfig
 from ..scheme import parse_scheme
 from .atomic import atomic_dir
+from .classes import model_class
 from .layout import (FORMAT_VERSION, LAYOUT_VERSION, METADATA, WEIGHTS_FILE, meta_quantize,  # noqa: F401
                      stored_parts, stored_shape, stored_spec)
 
@@ -130,6 +131,8 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool 
     with atomic_dir(out_dir, "checkpoint", overwrite, protect) as tmp:
         _write_weights(model, Path(tmp) / WEIGHTS_FILE)
         config = model.config.to_dict()
+        # the class saved is the class loaded (an encoder's BertModel is not rebuilt as BertLMHeadModel)
+        config["architectures"] = [type(model).__name__]
         config["quantization_config"] = quantization_config(model)
         (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if tokenizer is not None:
@@ -277,7 +280,10 @@ def install_quantized(model: nn.Module, info: QuantInfo, keys: set[str], get, dt
             used.update(f"{emb_name}.{k}" for k in p)
             qe = QuantEmbedding(QuantizedWeight(hs, stored_shape(m), p), getattr(m, "padding_idx", None), out_dtype=dtype,
                                 embed_scale=getattr(m, "embed_scale", None))
+            aliases = tied_embeddings(model, m)
             set_module(model, emb_name, qe)
+            for a in aliases:
+                set_module(model, a, qe)
             if tied and out_name:
                 set_module(model, out_name, qe.linear)
         if out_name and not tied:
@@ -294,7 +300,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
     """Rebuild a model saved by `save`: same modules, same kernels, identical logits. A
     damaged or edited checkpoint is refused (io/checkpoint_validate.py) before anything loads."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from . import checkpoint_validate as cv
     from .validate import check_finite, check_tokenizer_files, one_line
@@ -306,11 +312,13 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
     header = _check_safetensors(weights)
     try:
         config = AutoConfig.for_model(**raw)
+        cls = model_class(raw, str(path))
         with init_empty_weights(include_buffers=False):
-            try:
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            except ValueError:
-                model = AutoModel.from_config(config, dtype=dtype)
+            model = (cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config")
+                     else cls._from_config(config, dtype=dtype))
+        model.tie_weights()  # (outside init_empty_weights, which would re-register a fresh tensor) tied tables are one
+    except SourceError:
+        raise
     except Exception as e:
         raise SourceError(f"{path / 'config.json'} does not describe a model transformers can build "
                           f"(model_type {raw.get('model_type')!r}): {one_line(e)}; save the checkpoint again") from None

@@ -195,7 +195,9 @@ def validate_contents(model: nn.Module, info: QuantInfo, header: dict, path: Pat
     tied_ptrs = {}
     for k, t in state.items():
         tied_ptrs.setdefault(id(t), []).append(k)
+    # a tensor tied to a replaced module's (T5's encoder/decoder.embed_tokens share `shared`) is stored with it
+    replaced_ids = {id(t) for k, t in state.items() if k.rpartition(".")[0] in replaced}
     missing = [k for k, t in state.items() if k.rpartition(".")[0] not in replaced and k not in header
-               and not any(o in header for o in tied_ptrs[id(t)])]
+               and id(t) not in replaced_ids and not any(o in header for o in tied_ptrs[id(t)])]
     if missing:
         raise _bad(path, f"{len(missing)} tensor(s) are missing from model.safetensors ({', '.join(missing[:3])})")

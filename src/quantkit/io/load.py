@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import SourceError
 from . import models, validate
+from .classes import model_class
 
 logger = logging.getLogger(__name__)
 
@@ -203,30 +204,6 @@ def validate_hf_dir(folder: Path, allow_pickle: bool = False) -> dict:
     return cfg
 
 
-def _model_class(cfg: dict, where: str):
-    """The transformers class that loads this config: a causal LM if it is one, else its own class."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
-
-    model_type = cfg.get("model_type")
-    if model_type not in CONFIG_MAPPING_NAMES:
-        raise SourceError(f"{where}: unsupported model_type {model_type!r}; the model must be a transformers "
-                          "causal LM (or encoder) architecture")
-    archs = cfg.get("architectures") or []
-    causal = set()
-    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        causal.update(v if isinstance(v, (tuple, list)) else [v])
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (not archs or archs[0] in causal):
-        return transformers.AutoModelForCausalLM
-    if archs and isinstance(getattr(transformers, archs[0], None), type):
-        return getattr(transformers, archs[0])
-    if model_type in MODEL_MAPPING_NAMES:
-        return transformers.AutoModel
-    raise SourceError(f"{where}: model_type {model_type!r} has no model class in transformers; the model must be "
-                      "a transformers causal LM (or encoder) architecture")
-
-
 # ---------------------------------------------------------------- load
 
 
@@ -320,7 +297,7 @@ def _hf_dir_fits(folder: Path, cls, dtype: torch.dtype) -> None:
 
 def _load_hf_dir(folder: Path, dtype: torch.dtype, allow_pickle: bool = False):
     cfg = validate_hf_dir(folder, allow_pickle)
-    cls = _model_class(cfg, str(folder))
+    cls = model_class(cfg, str(folder))
     _hf_dir_fits(folder, cls, dtype)
     safetensors = any(folder.glob("*.safetensors"))
     try:
@@ -338,7 +315,7 @@ def _load_hub(hub_id: str, dtype: torch.dtype, allow_pickle: bool = False):
 
     try:
         cfg = AutoConfig.from_pretrained(hub_id)
-        cls = _model_class(cfg.to_dict(), hub_id)
+        cls = model_class(cfg.to_dict(), hub_id)
         kwargs = {} if allow_pickle else {"use_safetensors": True}
         model, info = cls.from_pretrained(hub_id, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True,
                                           weights_only=True, **kwargs)

@@ -40,6 +40,18 @@ class QuantLinear(nn.Module):
         """Whether the kernel's layout has been made (the layer has run)."""
         return self._bufs is not None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """What model code that reads `layer.weight` (for its dtype, as T5's feed-forward does
+        to cast its input) finds: the kernel's float weight where it has one, else the stored
+        codes (an integer tensor, as bitsandbytes' int8 layers show). Not the float weight:
+        use `dequantized_weight()` for that."""
+        w = self._buffers.get("weight")
+        if w is not None:
+            return w
+        st = self._storage() if self._parts else self.buffers_dict()
+        return next(iter(st.values()))
+
     def _storage(self) -> dict[str, torch.Tensor]:
         return {part: getattr(self, _ST + part) for part in self._parts}
 
