@@ -182,6 +182,9 @@ def transform_of(spec) -> Transform:
 def recorded_method(spec) -> Method:
     """`method_of`, or for a name this version cannot run (a checkpoint's record), a
     RecordedMethod that keeps it."""
+    name = spec.get("name") if isinstance(spec, dict) else spec
+    if not isinstance(name, str) or name in METHODS:
+        return method_of(spec)  # a method this version has: its options are checked, never kept unread
     try:
         return method_of(spec)
     except SchemeError:

@@ -49,8 +49,9 @@ class QuantLinear(nn.Module):
         w = self._buffers.get("weight")
         if w is not None:
             return w
-        st = self._storage() if self._parts else self.buffers_dict()
-        return next(iter(st.values()))
+        if self._parts:
+            return self._buffers[_ST + self._parts[0]]
+        return next(iter(self.buffers_dict().values()))
 
     def _storage(self) -> dict[str, torch.Tensor]:
         return {part: getattr(self, _ST + part) for part in self._parts}
