@@ -31,3 +31,12 @@ def wikitext_path() -> Path:
             pytest.fail(f"{WIKITEXT} is missing; CI runs with shared/ beside the repo")
         pytest.skip(f"{WIKITEXT} is not present")
     return WIKITEXT
+
+
+@pytest.fixture
+def torch_ops_path(monkeypatch):
+    """Run as a machine without quantkit's native weight-only kernels does (no compiler, or
+    QUANTKIT_NATIVE=0): the kernel choice falls to torch's packed kernels and the fallback."""
+    from quantkit.kernels import native
+
+    monkeypatch.setattr(native, "wonly", lambda: False)

@@ -105,6 +105,7 @@ def test_bf16_kernels_are_not_trivially_exact(kernel):
     assert float((y - ref_bf16).norm() / ref_bf16.norm()) < BF16_TOL
 
 
+@pytest.mark.usefixtures("torch_ops_path")
 @pytest.mark.parametrize("scheme", ["int7", "int6", "int5"])
 def test_int8pack_affine_low_bits_keeps_bf16_accuracy(scheme):
     """Regression: affine 5-7 bit codes were shifted by 128 (not 2^(b-1)), so the bf16 zero-point
@@ -117,6 +118,7 @@ def test_int8pack_affine_low_bits_keeps_bf16_accuracy(scheme):
     assert float((y - ref).norm() / ref.norm()) < BF16_TOL
 
 
+@pytest.mark.usefixtures("torch_ops_path")
 # ----------------------------------------------------------------------------- dispatch
 @pytest.mark.parametrize("scheme", ["int2-g64", "int3-g32", "int4-g32", "int4-g64-sym", "int4", "int4-tensor"])
 def test_pick_int4pack_when_rows_are_a_multiple_of_16(scheme):
@@ -126,12 +128,14 @@ def test_pick_int4pack_when_rows_are_a_multiple_of_16(scheme):
     assert pick_kernel(quantize(_weight((24, 128)), scheme)) is DequantKernel
 
 
+@pytest.mark.usefixtures("torch_ops_path")
 @pytest.mark.parametrize("scheme", ["int8", "int8-asym", "int7", "int5", "int8-tensor"])
 @pytest.mark.parametrize("rows", [48, 24])
 def test_pick_int8pack_for_per_channel_up_to_8_bits(scheme, rows):
     assert pick_kernel(quantize(_weight((rows, 128)), scheme)) is Int8Kernel
 
 
+@pytest.mark.usefixtures("torch_ops_path")
 @pytest.mark.parametrize("scheme,expected", [
     ("int8-g32", DequantKernel), ("int5-g32", DequantKernel), ("nf4-dq", DequantKernel),
     ("fp8-e4m3", DequantKernel), ("llm-int8", LLMInt8Kernel), ("bf16", FloatKernel), ("fp32", FloatKernel),
@@ -277,6 +281,7 @@ def widen_everything(monkeypatch):
     return cpu
 
 
+@pytest.mark.usefixtures("torch_ops_path")
 @pytest.mark.parametrize("shape", [(96, 256), (64, 576), (32, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("scheme", WIDE_SCHEMES)
 def test_widened_packed_kernels_use_the_exact_dequantized_weight(widen_everything, scheme, shape):

@@ -39,6 +39,7 @@ def test_fp32_quant_linear_equals_nn_linear():
     torch.testing.assert_close(ql(x), lin(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("torch_ops_path")
 def test_int8_quant_linear_equals_nn_linear_within_quantization_error():
     lin = _linear()
     qw = quantize(lin.weight.detach(), "int8")
@@ -71,11 +72,24 @@ def test_bias_is_a_frozen_copy():
     ("llm-int8", LLMInt8Kernel), ("nf4-dq", DequantKernel), ("fp8-e4m3", DequantKernel), ("bf16", FloatKernel),
     ("int5-g32", DequantKernel),
 ])
-def test_quantized_weight_round_trip(scheme, kernel):
+@pytest.mark.parametrize("path", ["native", "torch-ops"])
+def test_quantized_weight_round_trip(scheme, kernel, path, request):
+    """The storage comes back exactly from the layout of the kernel each path picks (kernel: the
+    torch-ops path's; the native path runs every weight-only layout through NativeKernel)."""
+    from quantkit.kernels import native
+    from quantkit.kernels.weight_only import NativeKernel
+
+    if path == "torch-ops":
+        request.getfixturevalue("torch_ops_path")
+    elif not native.wonly():
+        pytest.skip(f"quantkit's native kernels are not built here: {native.why_not_native() or 'the build failed'}")
     lin = _linear(seed=2)
     qw = quantize(lin.weight.detach(), scheme)
     ql = QuantLinear(qw, None)
+    if path == "native" and kernel in (Int8Kernel, Int4Kernel, DequantKernel):
+        kernel = NativeKernel
     assert ql.kernel is kernel
+    ql(_x(2, 128))  # packed: the storage now comes from the kernel's layout
     _same_qw(ql.quantized_weight(), qw)
     assert torch.equal(ql.dequantized_weight(), qw.dequantize())
     # no persistent buffers: the state dict holds nothing (the checkpoint writes storage parts)

@@ -132,6 +132,18 @@ class Kernel:
         """Counters this kernel keeps while it runs (passed to matmul as `stats`), or None."""
         return None
 
+    @staticmethod
+    def bind(buffers: dict[str, torch.Tensor], scheme: Scheme, shape) -> object | None:
+        """What `run` needs, worked out once per layer (after packing, and after a move to another
+        device): for kernels whose per-call argument handling costs more than the matmul itself
+        at decode. None (the default): the layer calls `matmul`."""
+        return None
+
+    @staticmethod
+    def run(x: torch.Tensor, bound) -> torch.Tensor:
+        """matmul through what `bind` returned."""
+        raise NotImplementedError
+
 
 class DequantKernel(Kernel):
     """Fallback for every scheme: dequantize the stored weight, then a float matmul."""
@@ -577,17 +589,3 @@ class W8A8Kernel(Kernel):
             stats["clipped"] += clipped
             stats["values"] += x2.numel()
         return y.reshape(*x.shape[:-1], shape[0]).to(x.dtype)
-
-
-# Preference order: the first kernel that supports a weight runs it.
-KERNELS: list[type[Kernel]] = [FloatKernel, W8A8Kernel, LLMInt8Kernel, Int4Kernel, Int8Kernel, DequantKernel]
-KERNELS_BY_NAME = {k.name: k for k in KERNELS}
-
-
-def pick_kernel(qw: QuantizedWeight, name: str | None = None) -> type[Kernel]:
-    if name is not None:
-        k = KERNELS_BY_NAME[name]
-        if not k.supports(qw):
-            raise ValueError(f"kernel {name} cannot run scheme {qw.scheme.name} with shape {qw.shape}")
-        return k
-    return next(k for k in KERNELS if k.supports(qw))

@@ -31,6 +31,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(_ST + part, t, persistent=False)
         self._names: list[str] = []  # the kernel's buffers, once packed
         self._bufs: "dict[str, torch.Tensor] | None" = None  # looked up once, not per call (decode runs ~200 per token)
+        self._bound = None  # the kernel's per-layer call arguments (Kernel.bind), once packed
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._shape = (self.out_features, self.in_features)
         self.run_stats = self.kernel.new_stats(self.scheme)  # kernel counters (LLM.int8() outliers, w8a8 clipping)
@@ -73,6 +74,7 @@ class QuantLinear(nn.Module):
                     del self._buffers[_ST + part]
             self._parts = []
         self._bufs = {n: getattr(self, n) for n in self._names}
+        self._bound = self.kernel.bind(self._bufs, self.scheme, self._shape)
 
     def buffers_dict(self) -> dict[str, torch.Tensor]:
         """The kernel's buffers (packing first if the layer has not run yet)."""
@@ -84,6 +86,7 @@ class QuantLinear(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         if self._bufs is not None:
             self._bufs = {n: getattr(self, n) for n in self._names}
+            self._bound = self.kernel.bind(self._bufs, self.scheme, self._shape)
         return out
 
     def quantized_weight(self) -> QuantizedWeight:
@@ -99,7 +102,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._bufs is None:
             self.pack()
-        if self.run_stats is not None:
+        if self._bound is not None:
+            y = self.kernel.run(x, self._bound)
+        elif self.run_stats is not None:
             y = self.kernel.matmul(x, self._bufs, self.scheme, self._shape, stats=self.run_stats)
         else:
             y = self.kernel.matmul(x, self._bufs, self.scheme, self._shape)
@@ -146,6 +151,8 @@ class QuantEmbedding(nn.Module):
         if lin.scheme.kind == "float":
             out = lin.weight[ids].to(self.out_dtype)
         else:
-            rows = lin.q[ids].to(self.out_dtype)  # [..., D] int8 codes of the looked-up rows
-            out = rows * lin.scale16[ids].to(self.out_dtype)  # scale16 [V, 1] -> [..., 1]
+            b = lin._bufs  # int8 codes and fp16 scale [V, 1], named by the kernel that holds them
+            q, s16 = (b["q"], b["scale16"]) if "q" in b else (b["st_qweight"], b["st_scale"])
+            rows = q[ids].to(self.out_dtype)  # [..., D] int8 codes of the looked-up rows
+            out = rows * s16[ids].to(self.out_dtype)  # [..., 1]
         return out if self.embed_scale is None else out * self.embed_scale.to(self.out_dtype)

@@ -1,0 +1,154 @@
+"""`NativeKernel`: every weight-only layout quantkit stores, through quantkit's C++ ops.
+
+Integer codes of 2-8 bits (per channel, per tensor or in groups, symmetric or affine),
+nf4/fp4 blocks with or without double quant, fp8 e4m3/e5m2: `torch.ops.quantkit.wonly_linear`
+(kernels/wonly.cpp) decodes each weight row from its stored codes while it multiplies, in
+fp32, computing every weight exactly as the codec's dequantize does. So its results are
+F.linear(x, dequantized W) up to the order of the fp32 sums, and no float copy of W exists.
+
+The layer's buffers are the storage tensors themselves (st_<part>): the codes of 4-bit
+integer, nf4 and fp4 weights with an even row length, and of every byte-wide layout, are used
+as stored. 2- and 3-bit codes (and odd row lengths) are repacked once into 4-bit rows
+("codes"), from which `unpack` gives the storage back exactly.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import QuantizedWeight
+from ..formats import packing
+from ..formats.codebook import LEVELS
+from ..formats.integer import from_int_codes, group_len
+from ..scheme import Scheme
+from . import native
+from .cpu import Kernel
+
+INT_NIB, LUT_NIB, U8, S8, E4M3, E5M2 = range(6)
+# Input rows up to which the fused decode-and-multiply runs; from here torch's fp32 GEMM on
+# weights dequantized a chunk at a time (inside the same op) is faster. Measured on SmolLM2's
+# shapes by benchmarks/kernels.py (2-core Xeon with AVX-512, 2026-12-03).
+MAX_FUSED_ROWS = 16
+
+
+def _int_layout(s: Scheme, shape) -> tuple[int, float]:
+    """(decode, zconst) of an integer scheme: the stored code's layout and the value its
+    symmetric codes are stored offset by (affine codes subtract their stored zero instead)."""
+    off = float(2 ** (s.bits - 1)) if s.symmetric and s.bits < 8 else 0.0
+    if s.bits <= 4:
+        return INT_NIB, off
+    return (S8 if s.bits == 8 and s.symmetric else U8), off
+
+
+def _nibble_rows(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """uint8 codes [n, k] (values < 16) as rows of ceil(k/2) bytes, low nibble first."""
+    if k % 2:
+        codes = torch.cat([codes, codes.new_zeros(n, 1)], 1)
+    return packing.pack(codes.contiguous(), 4).view(n, -1)
+
+
+class NativeKernel(Kernel):
+    name = "native"
+
+    @staticmethod
+    def supports(qw):
+        s = qw.scheme
+        if s.act in ("dynamic", "static") or not native.wonly():
+            return False
+        if s.kind == "int":
+            return 2 <= s.bits <= 8
+        if s.kind in ("nf4", "fp4"):
+            return qw.shape[1] % s.group_size == 0
+        return s.kind == "fp8" and s.fp_format in ("e4m3", "e5m2")
+
+    @staticmethod
+    def pack(qw):
+        s, (n, k), t = qw.scheme, qw.shape, qw.tensors
+        b = {f"st_{name}": v for name, v in t.items()}  # the storage itself, not a copy
+        if s.kind == "int" and s.bits <= 4 and (s.bits != 4 or k % 2):
+            codes = packing.unpack(t["qweight"], s.bits, n * k).view(n, k)
+            b["codes"] = _nibble_rows(codes, n, k)
+            del b["st_qweight"]
+        elif s.kind in ("nf4", "fp4") and k % 2:
+            b["codes"] = _nibble_rows(packing.unpack(t["qweight"], 4, n * k).view(n, k), n, k)
+            del b["st_qweight"]
+        if s.kind in ("nf4", "fp4"):
+            b["lut"] = LEVELS[s.kind].clone()
+        return b
+
+    @staticmethod
+    def unpack(buffers, scheme, shape):
+        parts = {name[3:]: v for name, v in buffers.items() if name.startswith("st_")}
+        if "codes" in buffers:
+            n, k = shape
+            codes = packing.unpack(buffers["codes"].reshape(-1), 4, buffers["codes"].numel() * 2).view(n, -1)[:, :k]
+            if scheme.kind == "int":
+                off = 2 ** (scheme.bits - 1) if scheme.symmetric else 0
+                q = codes.to(torch.int32) - off
+                qw = from_int_codes(scheme, q, parts["scale"], parts.get("zero"))
+                return qw
+            parts["qweight"] = packing.pack(codes.contiguous(), 4)
+        return QuantizedWeight(scheme, tuple(shape), parts)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _layout(scheme: Scheme, shape: tuple, names: frozenset) -> tuple:
+        """(buffer names of codes, scale, zero, scale2, offset, lut; then N, K, group, decode,
+        zconst, smul) for a scheme, shape and the buffers a layer holds: decided once per
+        layer type, not per call (decode runs ~200 matmuls per token)."""
+        s, (n, k) = scheme, shape
+        codes = "codes" if "codes" in names else "st_qweight"
+        zero = scale2 = offset = lut = None
+        smul = 1.0
+        if s.kind == "int":
+            decode, zconst = _int_layout(s, shape)
+            scale, zero, group = "st_scale", ("st_zero" if "st_zero" in names else None), group_len(s, k)
+        elif s.kind in ("nf4", "fp4"):
+            decode, zconst, group, lut = LUT_NIB, 0.0, s.group_size, "lut"
+            if "st_scale" in names:
+                scale = "st_scale"
+            else:
+                scale, scale2, offset = "st_scale_q", "st_scale_scale", "st_scale_offset"
+        else:  # fp8, one scale per row
+            decode = E4M3 if s.fp_format == "e4m3" else E5M2
+            zconst, group, scale = 0.0, k, "st_scale"
+            smul = 256.0 if decode == E4M3 else 1.0
+        return (codes, scale, zero, scale2, offset, lut), (n, k, group, decode, zconst, smul)
+
+    @staticmethod
+    def op_args(buffers, scheme: Scheme, shape) -> tuple:
+        """The arguments of torch.ops.quantkit.wonly_linear after x (and before isa)."""
+        names, consts = NativeKernel._layout(scheme, tuple(shape), frozenset(buffers))
+        ts = [None if nm is None else buffers[nm] for nm in names]
+        if ts[0].dtype != torch.uint8:  # int8 / float8 codes: the kernel reads their bytes
+            ts[0] = ts[0].view(torch.uint8)
+        return (*ts, *consts)
+
+    @staticmethod
+    def matmul(x, buffers, scheme, shape):
+        if x.device.type != "cpu":  # the ops are CPU ops: elsewhere, the exact dequantized weight
+            return F.linear(x, NativeKernel.unpack(buffers, scheme, shape).dequantize(x.dtype))
+        return NativeKernel.run(x, NativeKernel.bind(buffers, scheme, shape))
+
+    @staticmethod
+    def bind(buffers, scheme, shape):
+        if buffers[next(iter(buffers))].device.type != "cpu":
+            return None  # moved off the CPU: matmul refuses it there (the ops are CPU ops)
+        return NativeKernel.op_args(buffers, scheme, shape)
+
+    @staticmethod
+    def run(x, args):
+        k = args[7]
+        x2 = x.reshape(-1, k)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        y = torch.ops.quantkit.wonly_linear(x2, *args, native.wonly_isa(), MAX_FUSED_ROWS)
+        return y.view(*x.shape[:-1], args[6]) if x.dtype == torch.float32 else y.view(*x.shape[:-1], args[6]).to(x.dtype)
+
+    @staticmethod
+    def dequantize_rows(buffers, scheme, shape, r0: int, r1: int, isa: int | None = None) -> torch.Tensor:
+        """W[r0:r1] in fp32 as the kernel computes it (bit for bit the codec's dequantize)."""
+        return torch.ops.quantkit.wonly_dequant(*NativeKernel.op_args(buffers, scheme, shape),
+                                                native.wonly_isa() if isa is None else isa, r0, r1)

@@ -1,0 +1,208 @@
+// quantkit's weight-only linear for the layouts quantkit stores, as torch custom ops:
+//
+//   quantkit::wonly_linear(x, codes, scale, zero, scale2, offset, lut, N, K, group, decode,
+//                          zconst, smul, isa, max_rows) -> y [M, N] = x [M, K] . W^T  (fp32)
+//   quantkit::wonly_dequant(codes, ..., isa, r0, r1) -> W[r0:r1] [r1 - r0, K]    (fp32)
+//
+// W is never held in float: each row is decoded from its stored codes while it is multiplied.
+// Every weight is computed exactly as the codecs' dequantize computes it in fp32,
+//     w = (v - zf) * s          integer codes ("int": v = stored code, zf = zero point or the
+//                               implied offset 2^(b-1) of symmetric codes)
+//     w = lut[c] * s            nf4 / fp4 (16-entry level table, s = block absmax)
+//     w = fp8(c) * s            fp8 (c's bits widened to fp16 and converted by F16C; e4m3 lands
+//                               at 2^-8 of its value, folded into s as smul = 256, exactly)
+// so the only difference to F.linear(x, dequantized W) is the order of the fp32 sums.
+// wonly_dequant gives the dequantized rows bit for bit (tests compare them with the codecs).
+//
+// Layouts (`decode`): 0 two 4-bit codes per byte, low nibble first (int 2-4 bits, stored or
+// repacked), 1 the same codes through `lut`, 2 one uint8 code per weight, 3 one int8 code,
+// 4 fp8 e4m3 bytes, 5 fp8 e5m2 bytes. Rows are `codes.numel() / N` bytes apart.
+// Scales (from scale's dtype): float16 or float32 [N, K/group] ([1, 1]: one per tensor), or
+// int8 with scale2 float32 [ceil(n/256)] and offset float32 [1] (double quant: the absmax of
+// group i is scale[i] * scale2[i / 256] + offset). zero: uint8, like scale, or None (zconst).
+//
+// Few input rows (M <= max_rows: decode, batched decode) run the fused decode-and-multiply,
+// every weight row decoded once for up to 4 input rows at a time, threads over output rows.
+// More rows (prefill, evaluation) dequantize chunks of rows in fp32 and hand them to torch's
+// GEMM, which wins there. ISA: isa 1 = AVX2+FMA+F16C, 2 = AVX-512 (F, BW, VL, DQ), 0 = the
+// best this CPU has. Threads are torch's own (at::parallel_for): no second OpenMP pool.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+enum Decode { INT_NIB = 0, LUT_NIB = 1, U8 = 2, S8 = 3, E4M3 = 4, E5M2 = 5 };
+enum ScaleMode { SCALE_F16 = 0, SCALE_F32 = 1, SCALE_DQ = 2 };
+constexpr int64_t DQ_CHUNK = 256;
+constexpr int64_t QK_PREFETCH_ROWS = 4;  // weight rows read ahead of the one being multiplied
+
+struct Args {
+  const uint8_t* codes;
+  int64_t row_bytes, N, K, group, groups;
+  int decode, smode;
+  const void* scale;
+  bool per_tensor, zero_per_tensor;
+  const uint8_t* zero;
+  const float* scale2;
+  float offset, zconst, smul;
+  const float* lut;
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#define QK_AVX512 0
+#include "wonly_impl.h"
+#undef QK_AVX512
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+#define QK_AVX512 1
+#include "wonly_impl.h"
+#undef QK_AVX512
+}  // namespace avx512
+#pragma GCC pop_options
+
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+bool has_avx512() {
+  __builtin_cpu_init();
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+int pick_isa(int64_t isa) {
+  if (isa == 0) {
+    if (has_avx512()) return 2;
+    TORCH_CHECK(has_avx2(), "quantkit native kernels need an x86-64 CPU with AVX2 and FMA");
+    return 1;
+  }
+  TORCH_CHECK(isa == 1 || isa == 2, "isa must be 0 (auto), 1 (avx2) or 2 (avx512), got ", isa);
+  TORCH_CHECK(isa == 1 ? has_avx2() : has_avx512(), "this CPU has no ", isa == 1 ? "AVX2+FMA" : "AVX-512 (F/BW/VL/DQ)");
+  return (int)isa;
+}
+
+Args make_args(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+               const c10::optional<at::Tensor>& scale2, const c10::optional<at::Tensor>& offset,
+               const c10::optional<at::Tensor>& lut, int64_t N, int64_t K, int64_t group, int64_t decode,
+               double zconst, double smul) {
+  TORCH_CHECK(decode >= 0 && decode <= 5, "decode must be 0..5, got ", decode);
+  TORCH_CHECK(N > 0 && K > 0 && group > 0 && K % group == 0, "bad shape N=", N, " K=", K, " group=", group);
+  TORCH_CHECK(codes.is_contiguous() && codes.element_size() == 1 && codes.device().is_cpu(),
+              "codes must be contiguous one-byte CPU tensors");
+  TORCH_CHECK(codes.numel() % N == 0, "codes (", codes.numel(), " bytes) do not split into ", N, " rows");
+  Args a;
+  a.codes = (const uint8_t*)codes.data_ptr();
+  a.row_bytes = codes.numel() / N;
+  const bool nib = decode <= LUT_NIB;
+  TORCH_CHECK(a.row_bytes >= (nib ? (K + 1) / 2 : K), "rows of ", a.row_bytes, " bytes cannot hold ", K, " codes");
+  a.N = N; a.K = K; a.group = group; a.groups = K / group;
+  a.decode = (int)decode;
+  TORCH_CHECK(scale.is_contiguous() && scale.device().is_cpu(), "scale must be a contiguous CPU tensor");
+  const auto st = scale.scalar_type();
+  a.smode = st == at::kHalf ? SCALE_F16 : st == at::kFloat ? SCALE_F32 : st == at::kChar ? SCALE_DQ : -1;
+  TORCH_CHECK(a.smode >= 0, "scale must be float16, float32 or int8 (double quant), got ", st);
+  a.per_tensor = scale.numel() == 1;
+  TORCH_CHECK(a.per_tensor || scale.numel() == N * a.groups, "scale has ", scale.numel(), " values for ", N, " x ",
+              a.groups, " groups");
+  a.scale = scale.data_ptr();
+  a.scale2 = nullptr; a.offset = 0.f;
+  if (a.smode == SCALE_DQ) {
+    TORCH_CHECK(scale2.has_value() && offset.has_value(), "double-quant scales need scale2 and offset");
+    TORCH_CHECK(scale2->scalar_type() == at::kFloat && scale2->is_contiguous() &&
+                scale2->numel() * DQ_CHUNK >= scale.numel(), "scale2 must be float32 [ceil(n/256)]");
+    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1, "offset must be float32 [1]");
+    a.scale2 = scale2->data_ptr<float>();
+    a.offset = offset->item<float>();
+  }
+  a.zero = nullptr; a.zero_per_tensor = false;
+  if (zero.has_value()) {
+    TORCH_CHECK(zero->scalar_type() == at::kByte && zero->is_contiguous() &&
+                (zero->numel() == scale.numel() || zero->numel() == 1), "zero must be uint8 shaped like scale");
+    a.zero = zero->data_ptr<uint8_t>();
+    a.zero_per_tensor = zero->numel() == 1;
+  }
+  a.lut = nullptr;
+  if (decode == LUT_NIB) {
+    TORCH_CHECK(lut.has_value() && lut->scalar_type() == at::kFloat && lut->numel() == 16 && lut->is_contiguous(),
+                "decode 1 needs lut float32 [16]");
+    a.lut = lut->data_ptr<float>();
+  }
+  a.zconst = (float)zconst; a.smul = (float)smul;
+  return a;
+}
+
+void dequant_into(const Args& a, int isa, int64_t r0, int64_t r1, float* out) {
+  if (isa == 2) avx512::dequant_parallel(a, r0, r1, out);
+  else avx2::dequant_parallel(a, r0, r1, out);
+}
+
+at::Tensor wonly_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                        const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& scale2,
+                        const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& lut, int64_t N,
+                        int64_t K, int64_t group, int64_t decode, double zconst, double smul, int64_t isa,
+                        int64_t max_rows) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "x must be float32 [M, ", K, "] on the CPU");
+  Args a = make_args(codes, scale, zero, scale2, offset, lut, N, K, group, decode, zconst, smul);
+  const int which = pick_isa(isa);
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  if (M <= max_rows) {
+    if (which == 2) avx512::linear_rows(a, xc.data_ptr<float>(), M, y.data_ptr<float>());
+    else avx2::linear_rows(a, xc.data_ptr<float>(), M, y.data_ptr<float>());
+    return y;
+  }
+  // many rows: the exact weight in fp32, a chunk of rows at a time (at most ~8 MB), torch's GEMM
+  const int64_t chunk = std::max<int64_t>(16, (int64_t(8) << 20) / (4 * K));
+  at::Tensor w = at::empty({std::min(chunk, N), K}, x.options());
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t r1 = std::min(N, r0 + chunk);
+    at::Tensor wc = w.narrow(0, 0, r1 - r0);
+    dequant_into(a, which, r0, r1, wc.data_ptr<float>());
+    if (r0 == 0 && r1 == N) return at::mm(xc, wc.t());
+    y.narrow(1, r0, r1 - r0).copy_(at::mm(xc, wc.t()));
+  }
+  return y;
+}
+
+at::Tensor wonly_dequant(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                         const c10::optional<at::Tensor>& scale2, const c10::optional<at::Tensor>& offset,
+                         const c10::optional<at::Tensor>& lut, int64_t N, int64_t K, int64_t group, int64_t decode,
+                         double zconst, double smul, int64_t isa, int64_t r0, int64_t r1) {
+  Args a = make_args(codes, scale, zero, scale2, offset, lut, N, K, group, decode, zconst, smul);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "rows [", r0, ", ", r1, ") outside [0, ", N, ")");
+  at::Tensor out = at::empty({r1 - r0, K}, at::TensorOptions().dtype(at::kFloat));
+  if (r1 > r0) dequant_into(a, pick_isa(isa), r0, r1, out.data_ptr<float>());
+  return out;
+}
+
+int64_t best_isa() { return has_avx512() ? 2 : has_avx2() ? 1 : 0; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(quantkit, m) {
+  m.def("wonly_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? scale2, Tensor? offset, "
+        "Tensor? lut, int N, int K, int group, int decode, float zconst, float smul, int isa, int max_rows) -> Tensor");
+  m.def("wonly_dequant(Tensor codes, Tensor scale, Tensor? zero, Tensor? scale2, Tensor? offset, Tensor? lut, "
+        "int N, int K, int group, int decode, float zconst, float smul, int isa, int r0, int r1) -> Tensor");
+  m.def("wonly_best_isa() -> int", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("wonly_linear", &wonly_linear);
+  m.impl("wonly_dequant", &wonly_dequant);
+}
