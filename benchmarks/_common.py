@@ -44,8 +44,14 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    from quantkit.kernels import native
+
+    if native.wonly():
+        kernels = f"quantkit native kernels: {({1: 'avx2', 2: 'avx512'})[native.wonly_isa()]}"
+    else:
+        kernels = f"quantkit native kernels: off ({native.why_not_native() or 'the build failed'})"
     return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"{torch.backends.cpu.get_cpu_capability()}, CPU flags: {' '.join(flags) or 'unknown'}")
+            f"{torch.backends.cpu.get_cpu_capability()}, CPU flags: {' '.join(flags) or 'unknown'}; {kernels}")
 
 
 def write_section(key: str, title: str, body: str, per_cpu: bool = False) -> None:

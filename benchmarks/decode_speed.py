@@ -15,6 +15,10 @@ are, so the default is a small sample).
 --compile runs every model's decode steps through torch.compile with a StaticCache
 (evaluate.speed.decode_speed(compile=True)), fp32 included: transformers' per-layer Python
 overhead, paid by every model alike, goes away, and what remains is the matmuls.
+
+--isa avx2 forces the AVX2 path of quantkit's native kernels on an AVX-512 host (QUANTKIT_ISA);
+--prefill also times a 1 x 512 prompt to its first token (logits of the last position only),
+best of 3, after the decode rounds.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ import quantkit as qk
 from quantkit.data import calib_samples
 from quantkit.evaluate.run import weights_bytes
 from quantkit.evaluate.size import memory_bytes
-from quantkit.evaluate.speed import decode_speed
+from quantkit.evaluate.speed import decode_speed, prefill_speed
+from quantkit.nn import QuantLinear
 
 from _common import WIKI, write_section
 
@@ -46,10 +51,22 @@ VARIANTS = [  # (label, scheme, head, SmoothQuant)
     ("nf4-dq (head int8)", "nf4-b64-dq", "int8", None),
     ("fp4-dq", "fp4-b64-dq", None, None),
     ("fp8-e4m3", "fp8-e4m3", None, None),
+    ("gguf-q4_0", "gguf-q4_0", None, None),
+    ("gguf-q4_k", "gguf-q4_k", None, None),  # widths of 576 fall back to Q5_0, as llama.cpp's Q4_K_M does
     ("w8a8-dynamic", "w8a8-dynamic", None, None),
     ("w8a8-static-minmax-o32 + SmoothQuant auto", "w8a8-static-minmax-o32", None, "auto"),
 ]
 PROMPT = "The history of the city begins"
+
+
+def kernels_of(model) -> str:
+    """The kernels a model's quantized layers run, most used first ("native", "int4pack x 180, ...")."""
+    from collections import Counter
+
+    c = Counter(m.kernel.name for m in model.modules() if isinstance(m, QuantLinear))
+    if not c:
+        return "torch"
+    return ", ".join(k if len(c) == 1 else f"{k} x {n}" for k, n in c.most_common())
 
 
 def main():
@@ -64,7 +81,13 @@ def main():
                                                      "or decode-speed-compiled with --compile)")
     ap.add_argument("--text", default=str(WIKI), help="calibration text of the static w8a8 row")
     ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--isa", choices=["auto", "avx2", "avx512"], default="auto",
+                    help="the ISA quantkit's native kernels run (QUANTKIT_ISA)")
+    ap.add_argument("--prefill", action="store_true", help="also time a 1 x 512 prompt to its first token")
     a = ap.parse_args()
+    import os
+
+    os.environ["QUANTKIT_ISA"] = a.isa
     keep = None if a.variants is None else {"fp32", *a.variants.split(",")}
     unknown = set() if keep is None else keep - {v[0] for v in VARIANTS}
     if unknown:
@@ -87,17 +110,29 @@ def main():
             tps = decode_speed(m, ids, new_tokens=a.tokens, compile=a.compile)["decode_tokens_per_s"]
             best[label] = max(best[label], tps)
         print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v:.1f}" for k, v in best.items()), flush=True)
+    pre = {}
+    if a.prefill:
+        from quantkit.data import eval_windows
+
+        long_ids = eval_windows(tok, qk.text(a.text), ctx=512, max_tokens=512)[0][None]
+        for _ in range(2):  # alternating rounds, best of each
+            for label, m in models.items():
+                pre[label] = max(pre.get(label, 0.0), prefill_speed(m, long_ids, warmup=1, repeats=2, last_logits=True))
+        print("prefill 1x512: " + ", ".join(f"{k} {v:.0f}" for k, v in pre.items()), flush=True)
     base = best["fp32"]
-    lines = ["| variant | embeddings/head | weights MB | memory MB | decode tok/s | speed-up vs fp32 |",
-             "|---|---|---:|---:|---:|---:|"]
+    cols = "| variant | embeddings/head | kernel | weights MB | memory MB | decode tok/s | speed-up vs fp32 |"
+    lines = [cols + (" prefill 1x512 tok/s | prefill vs fp32 |" if pre else ""),
+             "|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if pre else "")]
     for label, m in models.items():
         head = m.quantkit.head.get("scheme") if hasattr(m, "quantkit") else "fp32"
-        lines.append(f"| {label} | {head} | {weights_bytes(m) / 1e6:.1f} | {memory_bytes(m) / 1e6:.1f} | "
-                     f"{best[label]:.1f} | {best[label] / base:.2f}x |")
+        lines.append(f"| {label} | {head} | {kernels_of(m)} | {weights_bytes(m) / 1e6:.1f} | {memory_bytes(m) / 1e6:.1f} | "
+                     f"{best[label]:.1f} | {best[label] / base:.2f}x |"
+                     + (f" {pre[label]:.0f} | {pre[label] / pre['fp32']:.2f}x |" if pre else ""))
     table = "\n".join(lines)
     print(table)
     if not a.no_write:
         how = ", decode steps through torch.compile with a StaticCache" if a.compile else ""
+        how += f", native kernels' ISA forced to {a.isa}" if a.isa != "auto" else ""
         write_section(a.section or ("decode-speed-compiled" if a.compile else "decode-speed"),
                       f"Decode speed at batch 1 ({a.model}, {a.tokens} tokens, best of {a.rounds} interleaved rounds{how})",
                       table, per_cpu=True)

@@ -61,9 +61,9 @@ class Runner:
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> float:
-        from quantkit.evaluate.speed import _new_cache
+        from quantkit.evaluate.speed import new_cache
 
-        cache = _new_cache(self.model)
+        cache = new_cache(self.model)
         t0 = time.perf_counter()
         self.model(input_ids=ids, past_key_values=cache, use_cache=True)
         return time.perf_counter() - t0

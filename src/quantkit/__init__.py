@@ -22,19 +22,21 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
-def load(source, dtype=None, allow_pickle=False):
+def load(source, dtype=None, allow_pickle=False, dequantize=True):
     """Load a model and its tokenizer from an alias (`smollm2`), a Hugging Face folder or hub
     id, a `.gguf` file, a `.safetensors` file next to its config, or a quantkit checkpoint.
 
     Every weight the model needs must be in the source (a missing, unexpected or misshapen
     tensor, NaN/Inf weights, or a model too large for this machine's memory is refused with
-    SourceError). Pickle weights (pytorch_model.bin alone) are refused unless `allow_pickle`."""
+    SourceError). Pickle weights (pytorch_model.bin alone) are refused unless `allow_pickle`.
+    A GGUF with `dequantize=False` keeps its quantized tensors as llama.cpp's bytes (run by
+    quantkit's kernels) instead of fp32 weights; `model.quantkit_gguf_kept` says what was kept."""
     import torch
 
     from .io.load import load as _load
     from .io.load import resolve
 
-    model, tok = _load(source, dtype=dtype or torch.float32, allow_pickle=allow_pickle)
+    model, tok = _load(source, dtype=dtype or torch.float32, allow_pickle=allow_pickle, dequantize=dequantize)
     src = resolve(source)
     if src.path is not None:  # qk.save / qk.export_gguf never write over it
         object.__setattr__(model, "quantkit_source", str(src.path))

@@ -381,6 +381,38 @@ def cmd_demo(a):
     cmd_compare(a, schemes=a.schemes)
 
 
+def cmd_generate(a):
+    from . import load, quantize
+    from .evaluate.generate import generate
+
+    model, tok = load(a.model, allow_pickle=a.allow_pickle)
+    if tok is None:
+        from .errors import SourceError
+
+        raise SourceError(f"{a.model} has no tokenizer (no tokenizer files beside its weights); generate needs one")
+    if a.scheme:
+        model = quantize(model, a.scheme, head=a.head, progress=False)
+    stream = not a.json
+
+    def text(piece):
+        print(piece, end="", flush=True)
+
+    def status(line):
+        print(f"[{line}]", file=sys.stderr, flush=True)
+
+    if stream:
+        print(a.prompt, end="", flush=True)
+    res = generate(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, compile=not a.no_compile,
+                   stop_at_eos=not a.ignore_eos, on_text=text if stream else None, on_status=status if stream else None)
+    if a.json:
+        print(_json(res))
+        return
+    speed = f"{res['decode_tokens_per_s']:.1f} tokens/s" if res["decode_tokens_per_s"] else "too few tokens to time"
+    how = f"compiled; first step {res['compile_seconds']:.1f} s" if res["compiled"] else "eager"
+    print(f"\n[{res['new_tokens']} new tokens: {speed} ({how}); prompt {res['prompt_tokens']} tokens in "
+          f"{res['prefill_seconds']:.2f} s]", file=sys.stderr)
+
+
 def _train_config(a):
     from .train import TrainConfig
 
@@ -855,6 +887,21 @@ def build_parser() -> argparse.ArgumentParser:
         _overwrite_arg(c)
         c.add_argument("--json", action="store_true")
         c.set_defaults(fn=cmd_demo if name == "demo" else cmd_compare)
+    g = sub.add_parser("generate", help="greedy text from a model, streamed, with its speed",
+                       description="Continue --prompt greedily with MODEL (optionally quantized on the fly with "
+                                   "--scheme), printing the text as it comes and tokens/s at the end. Decode steps "
+                                   "run through torch.compile where a C++ compiler exists (--no-compile: eager).")
+    g.add_argument("model", help=MODEL_HELP)
+    _pickle_arg(g)
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=POS_INT, default=64)
+    g.add_argument("--scheme", default=None, help="quantize the loaded model with this scheme first (RTN)")
+    g.add_argument("--head", default=None, choices=HEAD_CHOICES, help="with --scheme: storage of embeddings and head")
+    g.add_argument("--no-compile", action="store_true", help="decode eagerly (no torch.compile)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    g.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming")
+    g.set_defaults(fn=cmd_generate)
+
     t = sub.add_parser("qat", help="quantization-aware training, then convert and save",
                        description="Train MODEL with its Linears fake-quantized to SCHEME (straight-through gradients), "
                                    "then convert to real quantized layers; writes OUT/model (a quantkit checkpoint).")

@@ -93,9 +93,12 @@ def test_merge_folds_the_adapters_in_and_requantizes(tiny_llama, train_ids, tmp_
         torch.testing.assert_close(q.dequantized_weight(), ref, rtol=0, atol=0)
     qk.save(merged, tmp_path / "merged")
     again, _ = qk.load(tmp_path / "merged")
+    for n in expected:  # the same stored weights ...
+        torch.testing.assert_close(again.get_submodule(n).dequantized_weight(), merged.get_submodule(n).dequantized_weight(),
+                                   rtol=0, atol=0)
     x = torch.randint(0, 256, (1, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(again(x).logits, merged(x).logits, rtol=0, atol=0)
+    with torch.no_grad():  # ... run by the kernel the reload picks (native where built): fp32 summation order
+        torch.testing.assert_close(again(x).logits, merged(x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_integer_bases_train_through_a_differentiable_kernel(tiny_llama, train_ids):

@@ -24,7 +24,7 @@ __all__ = ["decode_speed", "greedy_generate", "greedy_tokens", "prefill_speed"]
 log = logging.getLogger(__name__)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -33,7 +33,7 @@ def _sync(device: torch.device) -> None:
         torch.xpu.synchronize(device)
 
 
-def _new_cache(model: nn.Module) -> DynamicCache:
+def new_cache(model: nn.Module) -> DynamicCache:
     return DynamicCache(config=getattr(model, "config", None))
 
 
@@ -51,13 +51,13 @@ def _greedy(model: nn.Module, prompt_ids: torch.Tensor, steps: int) -> tuple[tor
     seconds spent in the decode steps only). Call under inference_mode and eval mode.
     """
     device = device_of(model)
-    cache = _new_cache(model)
+    cache = new_cache(model)
     out = model(input_ids=prompt_ids.to(device), past_key_values=cache, use_cache=True)
     if out.past_key_values is not None:
         cache = out.past_key_values
     tok = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # [1, 1]
     generated = [tok]
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     for _ in range(steps):
         out = model(input_ids=tok, past_key_values=cache, use_cache=True)
@@ -65,12 +65,12 @@ def _greedy(model: nn.Module, prompt_ids: torch.Tensor, steps: int) -> tuple[tor
             cache = out.past_key_values
         tok = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         generated.append(tok)
-    _sync(device)
+    sync_device(device)
     seconds = time.perf_counter() - start
     return torch.cat(generated, dim=1)[0].cpu(), seconds
 
 
-def _compiled_step(model: nn.Module):
+def compiled_step(model: nn.Module):
     """One decode step of `model` through torch.compile, cached on the model: with a
     StaticCache every step has the same shapes, so one graph serves them all."""
     step = getattr(model, "_quantkit_compiled_step", None)
@@ -94,14 +94,14 @@ def _greedy_compiled(model: nn.Module, prompt_ids: torch.Tensor, steps: int, cac
                 cache_position=torch.arange(p, device=device))
     tok = out.logits[:, -1].argmax(dim=-1, keepdim=True)
     generated = [tok]
-    step = _compiled_step(model)
-    _sync(device)
+    step = compiled_step(model)
+    sync_device(device)
     start = time.perf_counter()
     for i in range(steps):
         logits = step(tok, cache, torch.tensor([p + i], device=device))
         tok = logits[:, -1].argmax(dim=-1, keepdim=True)
         generated.append(tok)
-    _sync(device)
+    sync_device(device)
     seconds = time.perf_counter() - start
     return torch.cat(generated, dim=1)[0].cpu(), seconds
 
@@ -179,11 +179,11 @@ def prefill_speed(model: nn.Module, ids: torch.Tensor, warmup: int = 1, repeats:
     best = float("inf")
     with torch.inference_mode(), eval_mode(model):
         for i in range(warmup + repeats):
-            cache = _new_cache(model)
-            _sync(device)
+            cache = new_cache(model)
+            sync_device(device)
             start = time.perf_counter()
             model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
-            _sync(device)
+            sync_device(device)
             if i >= warmup:
                 best = min(best, time.perf_counter() - start)
     return ids.numel() / max(best, 1e-9)

@@ -398,3 +398,30 @@ _DEQUANT = {"Q2_K": _q2k_dequantize, "Q3_K": _q3k_dequantize, "Q4_K": _q4k_dequa
 for _name, _g in K_GRIDS.items():
     register(GGMLType(_name, _g.group, _g.nbytes, _g.quantize, _DEQUANT[_name]))
     register_grid(_name, _g)
+
+
+# ------------------------------------------------------------------ kernel layout of Q4_K / Q5_K
+
+K4_TYPES = ("Q4_K", "Q5_K")  # sub-blocks of 32 values, each w = (d·sc)·q - dmin·m
+
+
+def k4_parts(b: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K blocks [n, nbytes] as codes q int32 [n, 256] (0..15 / 0..31) and, per sub-block
+    of 32, scale s = d·sc and bias b = -(dmin·m) float32 [n, 8]: w = s·q + b is exactly what
+    dequantize computes (the same fp32 products, then an exact negation)."""
+    if type_name == "Q4_K":
+        q = _unpack_nib32(b[:, 16:144])
+    elif type_name == "Q5_K":
+        q = _unpack_nib32(b[:, 48:176]) | (_unpack_bits(b[:, 16:48]) << 4)
+    else:
+        raise ValueError(f"k4_parts takes {' or '.join(K4_TYPES)}, not {type_name}")
+    d, dmin = f16_from(b[:, 0:2]), f16_from(b[:, 2:4])
+    sc, mn = _unpack_scales_k4(b[:, 4:16])
+    return q, d[:, None] * sc.float(), -(dmin[:, None] * mn.float())
+
+
+def k4_blocks(header: torch.Tensor, q: torch.Tensor, type_name: str) -> torch.Tensor:
+    """The blocks back from their 16-byte headers (d, dmin, scales) [n, 16] and codes [n, 256]."""
+    if type_name == "Q4_K":
+        return torch.cat([header, _pack_nib32(q)], dim=1)
+    return torch.cat([header, _pack_bits(q >> 4), _pack_nib32(q & 0x0F)], dim=1)

@@ -331,15 +331,24 @@ def _load_hub(hub_id: str, dtype: torch.dtype, allow_pickle: bool = False):
     return model, _load_tokenizer(hub_id)
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+def load(source: str | os.PathLike, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+         dequantize: bool = True):
     """Load any model source as (model in eval mode, tokenizer or None). Weights stored only as
     pickle files (pytorch_model.bin) are refused unless `allow_pickle` (then read with torch's
-    weights-only unpickler)."""
+    weights-only unpickler). A GGUF source with `dequantize=False` keeps its quantized tensors'
+    bytes (io/gguf_keep.py) instead of fp32 weights."""
     src = source if isinstance(source, Source) else resolve(source)
-    if src.kind == "alias":
-        model, tok = _load_gguf(models.fetch(src.name), dtype)
-    elif src.kind == "gguf":
-        model, tok = _load_gguf(src.path, dtype)
+    if not dequantize and src.kind not in ("alias", "gguf"):
+        raise SourceError(f"dequantize=False keeps a GGUF file's quantized bytes; {source} is not a GGUF file")
+    if src.kind in ("alias", "gguf"):
+        path = models.fetch(src.name) if src.kind == "alias" else src.path
+        model, tok = _load_gguf(path, dtype)
+        if not dequantize:
+            from .gguf_keep import keep_gguf_blocks
+
+            arch = validate_gguf(path)
+            kept = keep_gguf_blocks(model, path, arch, _GGUF_SIZE[str(path.resolve())][1])
+            object.__setattr__(model, "quantkit_gguf_kept", kept)
     elif src.kind == "quantkit_dir":
         from quantkit.io.checkpoint import load_checkpoint
 

@@ -132,6 +132,17 @@ class Kernel:
         """Counters this kernel keeps while it runs (passed to matmul as `stats`), or None."""
         return None
 
+    @classmethod
+    def embed_rows(cls, buffers: dict[str, torch.Tensor], scheme: Scheme, shape, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) of the dequantized weight, fp32 [*ids.shape, in]: an embedding
+        lookup. This default dequantizes the looked-up rows of the storage."""
+        from ..formats.ggml_types import dequantize_rows
+
+        qw = cls.unpack(buffers, scheme, shape)
+        if scheme.kind == "ggml":
+            return dequantize_rows(qw.tensors["qweight"][ids], scheme.fp_format)
+        return qw.dequantize()[ids]
+
     @staticmethod
     def bind(buffers: dict[str, torch.Tensor], scheme: Scheme, shape) -> object | None:
         """What `run` needs, worked out once per layer (after packing, and after a move to another

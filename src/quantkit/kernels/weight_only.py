@@ -49,6 +49,70 @@ def _nibble_rows(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return packing.pack(codes.contiguous(), 4).view(n, -1)
 
 
+# GGUF's legacy block types (32 values, float16 d, codes q): (decode, zconst, stored code = q - qmin).
+# w = d * q (+ m): Q8_0 int8 codes; Q4_0 / Q4_1 4-bit rows; Q5_0 / Q5_1 one byte per code.
+# Q4_K / Q5_K: per sub-block of 32, fp32 s = d·sc and b = -dmin·m (w = s·q + b), with the blocks'
+# 16-byte headers kept to give the bytes back (6.5 / 7.5 bits a weight held, against 4.5 / 5.5).
+_GGML = {"Q8_0": (S8, 0.0), "Q4_0": (INT_NIB, 8.0), "Q4_1": (INT_NIB, 0.0), "Q5_0": (U8, 16.0), "Q5_1": (U8, 0.0),
+         "Q4_K": (INT_NIB, 0.0), "Q5_K": (U8, 0.0)}
+
+
+def _ggml_split(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """GGUF block bytes -> the kernel's layout: codes (int8 [n, k], 4-bit rows, or uint8 [n, k]), the
+    blocks' float16 d ("d16" [n, k/32]) and, for the _1 types, m ("m16"). Same bytes in all
+    (Q5_x: one byte per code instead of five bits)."""
+    from ..formats.ggml import LINEAR_GRIDS
+    from ..formats.ggml_k import K4_TYPES, k4_parts
+
+    (n, k), t = qw.shape, qw.scheme.fp_format
+    if t in K4_TYPES:
+        b = qw.tensors["qweight"].reshape(-1, 144 if t == "Q4_K" else 176)  # [n * k/256, nbytes]
+        q, sc, bias = k4_parts(b, t)
+        codes = q.reshape(n, k)
+        return {"codes": _nibble_rows(codes.to(torch.uint8), n, k) if t == "Q4_K" else codes.to(torch.uint8).contiguous(),
+                "s32": sc.reshape(n, k // 32).contiguous(), "b32": bias.reshape(n, k // 32).contiguous(),
+                "hdr": b[:, :16].contiguous().reshape(n, -1)}
+    g = LINEAR_GRIDS[t]
+    b = qw.tensors["qweight"].reshape(-1, g.nbytes)  # [n * k/32, nbytes]
+    q, _, _ = g.unpack(b)  # semantic codes [blocks, 32]
+    out = {"d16": b[:, 0:2].contiguous().view(torch.float16).reshape(n, k // 32)}
+    if g.affine:
+        out["m16"] = b[:, 2:4].contiguous().view(torch.float16).reshape(n, k // 32)
+    decode, _ = _GGML[t]
+    stored = (q - g.qmin).reshape(n, k)
+    if decode == S8:
+        out["codes"] = q.reshape(n, k).to(torch.int8).contiguous()
+    elif decode == INT_NIB:
+        out["codes"] = _nibble_rows(stored.to(torch.uint8), n, k)
+    else:
+        out["codes"] = stored.to(torch.uint8).contiguous()
+    return out
+
+
+def _ggml_join(buffers, scheme: Scheme, shape) -> QuantizedWeight:
+    """The GGUF block bytes back from `_ggml_split`'s layout, exactly."""
+    from ..formats.ggml import LINEAR_GRIDS
+    from ..formats.ggml_k import K4_TYPES, k4_blocks
+
+    (n, k), t = shape, scheme.fp_format
+    c = buffers["codes"]
+    if t in K4_TYPES:
+        q = (packing.unpack(c.reshape(-1), 4, c.numel() * 2).view(n, -1)[:, :k] if t == "Q4_K" else c).to(torch.int32)
+        raw = k4_blocks(buffers["hdr"].reshape(-1, 16), q.reshape(-1, 256), t)
+        return QuantizedWeight(scheme, tuple(shape), {"qweight": raw.reshape(n, -1).contiguous()})
+    g = LINEAR_GRIDS[t]
+    if c.dtype == torch.int8:
+        q = c.to(torch.int32)
+    elif _GGML[t][0] == INT_NIB:
+        q = packing.unpack(c.reshape(-1), 4, c.numel() * 2).view(n, -1)[:, :k].to(torch.int32) + g.qmin
+    else:
+        q = c.to(torch.int32) + g.qmin
+    d = buffers["d16"].reshape(-1).float()
+    m = buffers["m16"].reshape(-1).float() if "m16" in buffers else torch.zeros_like(d)
+    raw = g.pack_dm(q.reshape(-1, 32), d, m).reshape(n, -1)
+    return QuantizedWeight(scheme, tuple(shape), {"qweight": raw.contiguous()})
+
+
 class NativeKernel(Kernel):
     name = "native"
 
@@ -57,6 +121,8 @@ class NativeKernel(Kernel):
         s = qw.scheme
         if s.act in ("dynamic", "static") or not native.wonly():
             return False
+        if s.kind == "ggml":
+            return s.fp_format in _GGML
         if s.kind == "int":
             return 2 <= s.bits <= 8
         if s.kind in ("nf4", "fp4"):
@@ -66,6 +132,8 @@ class NativeKernel(Kernel):
     @staticmethod
     def pack(qw):
         s, (n, k), t = qw.scheme, qw.shape, qw.tensors
+        if s.kind == "ggml":
+            return _ggml_split(qw)
         b = {f"st_{name}": v for name, v in t.items()}  # the storage itself, not a copy
         if s.kind == "int" and s.bits <= 4 and (s.bits != 4 or k % 2):
             codes = packing.unpack(t["qweight"], s.bits, n * k).view(n, k)
@@ -80,6 +148,8 @@ class NativeKernel(Kernel):
 
     @staticmethod
     def unpack(buffers, scheme, shape):
+        if scheme.kind == "ggml":
+            return _ggml_join(buffers, scheme, shape)
         parts = {name[3:]: v for name, v in buffers.items() if name.startswith("st_")}
         if "codes" in buffers:
             n, k = shape
@@ -100,9 +170,15 @@ class NativeKernel(Kernel):
         layer type, not per call (decode runs ~200 matmuls per token)."""
         s, (n, k) = scheme, shape
         codes = "codes" if "codes" in names else "st_qweight"
-        zero = scale2 = offset = lut = None
+        zero = scale2 = offset = lut = bias = None
         smul = 1.0
-        if s.kind == "int":
+        if s.kind == "ggml":
+            decode, zconst = _GGML[s.fp_format][:2]
+            if "s32" in names:  # Q4_K / Q5_K
+                scale, group, bias = "s32", 32, "b32"
+            else:
+                scale, group, bias = "d16", 32, ("m16" if "m16" in names else None)
+        elif s.kind == "int":
             decode, zconst = _int_layout(s, shape)
             scale, zero, group = "st_scale", ("st_zero" if "st_zero" in names else None), group_len(s, k)
         elif s.kind in ("nf4", "fp4"):
@@ -115,7 +191,7 @@ class NativeKernel(Kernel):
             decode = E4M3 if s.fp_format == "e4m3" else E5M2
             zconst, group, scale = 0.0, k, "st_scale"
             smul = 256.0 if decode == E4M3 else 1.0
-        return (codes, scale, zero, scale2, offset, lut), (n, k, group, decode, zconst, smul)
+        return (codes, scale, zero, scale2, offset, lut, bias), (n, k, group, decode, zconst, smul)
 
     @staticmethod
     def op_args(buffers, scheme: Scheme, shape) -> tuple:
@@ -132,6 +208,19 @@ class NativeKernel(Kernel):
             return F.linear(x, NativeKernel.unpack(buffers, scheme, shape).dequantize(x.dtype))
         return NativeKernel.run(x, NativeKernel.bind(buffers, scheme, shape))
 
+    @classmethod
+    def embed_rows(cls, buffers, scheme, shape, ids):
+        """GGUF tables: the looked-up rows of the kernel's layout (every buffer has one row per
+        output row), dequantized by the op; other layouts through the storage."""
+        if scheme.kind != "ggml":
+            return super().embed_rows(buffers, scheme, shape, ids)
+        flat = ids.reshape(-1)
+        sub = {name: t[flat] for name, t in buffers.items()}
+        r = flat.numel()
+        args = list(NativeKernel.op_args(sub, scheme, (r, shape[1])))
+        out = torch.ops.quantkit.wonly_dequant(*args, native.wonly_isa(), 0, r)
+        return out.reshape(*ids.shape, shape[1])
+
     @staticmethod
     def bind(buffers, scheme, shape):
         if buffers[next(iter(buffers))].device.type != "cpu":
@@ -140,12 +229,12 @@ class NativeKernel(Kernel):
 
     @staticmethod
     def run(x, args):
-        k = args[7]
+        n, k = args[7], args[8]
         x2 = x.reshape(-1, k)
         if x2.dtype != torch.float32:
             x2 = x2.float()
         y = torch.ops.quantkit.wonly_linear(x2, *args, native.wonly_isa(), MAX_FUSED_ROWS)
-        return y.view(*x.shape[:-1], args[6]) if x.dtype == torch.float32 else y.view(*x.shape[:-1], args[6]).to(x.dtype)
+        return y.view(*x.shape[:-1], n) if x.dtype == torch.float32 else y.view(*x.shape[:-1], n).to(x.dtype)
 
     @staticmethod
     def dequantize_rows(buffers, scheme, shape, r0: int, r1: int, isa: int | None = None) -> torch.Tensor:

@@ -20,6 +20,8 @@
 // Scales (from scale's dtype): float16 or float32 [N, K/group] ([1, 1]: one per tensor), or
 // int8 with scale2 float32 [ceil(n/256)] and offset float32 [1] (double quant: the absmax of
 // group i is scale[i] * scale2[i / 256] + offset). zero: uint8, like scale, or None (zconst).
+// bias: float16 or float32 [N, K/group] or None; with it w = v * s + b (GGUF's Q4_1 / Q5_1, b = the
+// block's m; Q4_K / Q5_K, s = d * sc and b = -(dmin * m) of each sub-block of 32).
 //
 // Few input rows (M <= max_rows: decode, batched decode) run the fused decode-and-multiply,
 // every weight row decoded once for up to 4 input rows at a time, threads over output rows.
@@ -51,6 +53,8 @@ struct Args {
   const float* scale2;
   float offset, zconst, smul;
   const float* lut;
+  const void* bias;  // float16 or float32 [N, groups], or null: w = v * s + b instead of (v - zf) * s
+  bool bias_f32;
 };
 
 #pragma GCC push_options
@@ -95,8 +99,8 @@ int pick_isa(int64_t isa) {
 
 Args make_args(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                const c10::optional<at::Tensor>& scale2, const c10::optional<at::Tensor>& offset,
-               const c10::optional<at::Tensor>& lut, int64_t N, int64_t K, int64_t group, int64_t decode,
-               double zconst, double smul) {
+               const c10::optional<at::Tensor>& lut, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
+               int64_t group, int64_t decode, double zconst, double smul) {
   TORCH_CHECK(decode >= 0 && decode <= 5, "decode must be 0..5, got ", decode);
   TORCH_CHECK(N > 0 && K > 0 && group > 0 && K % group == 0, "bad shape N=", N, " K=", K, " group=", group);
   TORCH_CHECK(codes.is_contiguous() && codes.element_size() == 1 && codes.device().is_cpu(),
@@ -139,6 +143,13 @@ Args make_args(const at::Tensor& codes, const at::Tensor& scale, const c10::opti
                 "decode 1 needs lut float32 [16]");
     a.lut = lut->data_ptr<float>();
   }
+  a.bias = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK((bias->scalar_type() == at::kHalf || bias->scalar_type() == at::kFloat) && bias->is_contiguous() &&
+                bias->numel() == N * a.groups && !a.zero, "bias must be float16 or float32 [N, groups], without a zero point");
+    a.bias = bias->data_ptr();
+    a.bias_f32 = bias->scalar_type() == at::kFloat;
+  }
   a.zconst = (float)zconst; a.smul = (float)smul;
   return a;
 }
@@ -150,12 +161,12 @@ void dequant_into(const Args& a, int isa, int64_t r0, int64_t r1, float* out) {
 
 at::Tensor wonly_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                         const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& scale2,
-                        const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& lut, int64_t N,
-                        int64_t K, int64_t group, int64_t decode, double zconst, double smul, int64_t isa,
+                        const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& lut,
+                        const c10::optional<at::Tensor>& bias, int64_t N, int64_t K, int64_t group, int64_t decode, double zconst, double smul, int64_t isa,
                         int64_t max_rows) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "x must be float32 [M, ", K, "] on the CPU");
-  Args a = make_args(codes, scale, zero, scale2, offset, lut, N, K, group, decode, zconst, smul);
+  Args a = make_args(codes, scale, zero, scale2, offset, lut, bias, N, K, group, decode, zconst, smul);
   const int which = pick_isa(isa);
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0);
@@ -181,9 +192,10 @@ at::Tensor wonly_linear(const at::Tensor& x, const at::Tensor& codes, const at::
 
 at::Tensor wonly_dequant(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                          const c10::optional<at::Tensor>& scale2, const c10::optional<at::Tensor>& offset,
-                         const c10::optional<at::Tensor>& lut, int64_t N, int64_t K, int64_t group, int64_t decode,
-                         double zconst, double smul, int64_t isa, int64_t r0, int64_t r1) {
-  Args a = make_args(codes, scale, zero, scale2, offset, lut, N, K, group, decode, zconst, smul);
+                         const c10::optional<at::Tensor>& lut, const c10::optional<at::Tensor>& bias, int64_t N,
+                         int64_t K, int64_t group, int64_t decode, double zconst, double smul, int64_t isa, int64_t r0,
+                         int64_t r1) {
+  Args a = make_args(codes, scale, zero, scale2, offset, lut, bias, N, K, group, decode, zconst, smul);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "rows [", r0, ", ", r1, ") outside [0, ", N, ")");
   at::Tensor out = at::empty({r1 - r0, K}, at::TensorOptions().dtype(at::kFloat));
   if (r1 > r0) dequant_into(a, pick_isa(isa), r0, r1, out.data_ptr<float>());
@@ -196,9 +208,10 @@ int64_t best_isa() { return has_avx512() ? 2 : has_avx2() ? 1 : 0; }
 
 TORCH_LIBRARY_FRAGMENT(quantkit, m) {
   m.def("wonly_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? scale2, Tensor? offset, "
-        "Tensor? lut, int N, int K, int group, int decode, float zconst, float smul, int isa, int max_rows) -> Tensor");
+        "Tensor? lut, Tensor? bias, int N, int K, int group, int decode, float zconst, float smul, int isa, int max_rows) "
+        "-> Tensor");
   m.def("wonly_dequant(Tensor codes, Tensor scale, Tensor? zero, Tensor? scale2, Tensor? offset, Tensor? lut, "
-        "int N, int K, int group, int decode, float zconst, float smul, int isa, int r0, int r1) -> Tensor");
+        "Tensor? bias, int N, int K, int group, int decode, float zconst, float smul, int isa, int r0, int r1) -> Tensor");
   m.def("wonly_best_isa() -> int", &best_isa);
 }
 

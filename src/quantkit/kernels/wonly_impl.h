@@ -185,6 +185,17 @@ static inline void group_params(const Args& a, int64_t n, int64_t g, float& s, f
   zf = a.zero ? (float)a.zero[a.zero_per_tensor ? 0 : i] : a.zconst;
 }
 
+// The additive term b of layouts stored as w = v * s + b (GGUF's Q4_1 / Q5_1: b = the block's m).
+static inline float group_bias(const Args& a, int64_t n, int64_t g) {
+  const int64_t i = n * a.groups + g;
+  return a.bias_f32 ? ((const float*)a.bias)[i] : half_to_float(((const uint16_t*)a.bias)[i]);
+}
+
+// One weight exactly as its codec dequantizes it.
+static inline float weight_value(const Args& a, float v, float s, float zf, float b, bool zsub) {
+  return a.bias ? v * s + b : zsub ? (v - zf) * s : v * s;
+}
+
 #if QK_AVX512
 static inline vf vload_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
 #else
@@ -206,7 +217,11 @@ static inline void rows_params(const Args& a, int64_t n0, int64_t n1, float* sb,
       vf sv = a.smode == SCALE_F16 ? vload_h((const uint16_t*)a.scale + base + i) : vload((const float*)a.scale + base + i);
       sv = vmul(sv, mul);
       vstore(sb + i, sv);
-      vstore(zb + i, vmul(sv, a.zero ? vload_u8(a.zero + base + i) : zc));
+      if (a.bias)
+        vstore(zb + i, vsub(vzero(), a.bias_f32 ? vload((const float*)a.bias + base + i)
+                                                 : vload_h((const uint16_t*)a.bias + base + i)));
+      else
+        vstore(zb + i, vmul(sv, a.zero ? vload_u8(a.zero + base + i) : zc));
     }
   }
   if (a.smode == SCALE_DQ && !a.per_tensor) {  // absmax = q * scale2[j / 256] + offset, one 256-run at a time
@@ -230,7 +245,7 @@ static inline void rows_params(const Args& a, int64_t n0, int64_t n1, float* sb,
     float s, zf;
     group_params(a, n, g, s, zf);
     sb[i] = s;
-    zb[i] = s * zf;
+    zb[i] = a.bias ? -group_bias(a, n, g) : s * zf;
     if (++g == G) { g = 0; ++n; }
   }
 }
@@ -279,16 +294,17 @@ static inline void row_dot(const Args& a, const Lut& l, int64_t n, const float* 
       for (int m = 0; m < MB; ++m)
         for (int j = 0; j < NA; ++j) tot[m][j] = vfma(acc[m][j], vs, tot[m][j]);
     }
-    if (zsub)
+    if (zsub || a.bias)
       for (int m = 0; m < MB; ++m) scal[m] -= dot(zb, xs + m * G, G);
   }
   if (L % 32) {  // each group's last codes short of a unit: one at a time, w exactly as dequantized
     for (int64_t g = 0; g < G; ++g) {
       const float s = sb[g];
-      float zf = 0.f;
-      if (zsub) { float s2; group_params(a, n, g, s2, zf); }
+      float zf = 0.f, s2;
+      if (zsub) group_params(a, n, g, s2, zf);
+      const float b = a.bias ? group_bias(a, n, g) : 0.f;
       for (int64_t k = g * L + units * 32; k < (g + 1) * L; ++k) {
-        float w = zsub ? (decode_one(row, k, d, a.lut) - zf) * s : decode_one(row, k, d, a.lut) * s;
+        float w = weight_value(a, decode_one(row, k, d, a.lut), s, zf, b, zsub);
         for (int m = 0; m < MB; ++m) scal[m] += w * x[m * K + k];
       }
     }
@@ -334,15 +350,16 @@ static void dequant_rows(const Args& a, int64_t r0, int64_t r1, float* out) {
     for (int64_t g = 0; g < G; ++g) {
       float s, zf;
       group_params(a, n, g, s, zf);
-      const vf vs = vset1(s), vz = vset1(zf);
+      const float b = a.bias ? group_bias(a, n, g) : 0.f;
+      const vf vs = vset1(s), vz = vset1(zf), vb = vset1(b);
       const int64_t k0 = g * L, kend = k0 + L, kvec = k0 + (L / 32) * 32;
       for (int64_t k = k0; k < kvec; k += 32) {
         vf v[QK_NV];
         decode_unit<d>(row, k, l, v);
-        for (int j = 0; j < QK_NV; ++j) vstore(o + k + j * QK_W, zsub ? vmul(vsub(v[j], vz), vs) : vmul(v[j], vs));
+        for (int j = 0; j < QK_NV; ++j)
+          vstore(o + k + j * QK_W, a.bias ? vadd(vmul(v[j], vs), vb) : zsub ? vmul(vsub(v[j], vz), vs) : vmul(v[j], vs));
       }
-      for (int64_t k = kvec; k < kend; ++k)
-        o[k] = zsub ? (decode_one(row, k, d, a.lut) - zf) * s : decode_one(row, k, d, a.lut) * s;
+      for (int64_t k = kvec; k < kend; ++k) o[k] = weight_value(a, decode_one(row, k, d, a.lut), s, zf, b, zsub);
     }
   }
 }

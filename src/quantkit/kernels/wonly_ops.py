@@ -9,11 +9,11 @@ import torch
 
 
 @torch.library.register_fake("quantkit::wonly_linear")
-def _linear_fake(x, codes, scale, zero, scale2, offset, lut, N, K, group, decode, zconst, smul, isa, max_rows):
+def _linear_fake(x, codes, scale, zero, scale2, offset, lut, bias, N, K, group, decode, zconst, smul, isa, max_rows):
     torch._check(x.dim() == 2 and x.shape[1] == K)
     return x.new_empty((x.shape[0], N))
 
 
 @torch.library.register_fake("quantkit::wonly_dequant")
-def _dequant_fake(codes, scale, zero, scale2, offset, lut, N, K, group, decode, zconst, smul, isa, r0, r1):
+def _dequant_fake(codes, scale, zero, scale2, offset, lut, bias, N, K, group, decode, zconst, smul, isa, r0, r1):
     return codes.new_empty((r1 - r0, K), dtype=torch.float32)

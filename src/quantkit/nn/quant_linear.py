@@ -127,8 +127,9 @@ class QuantEmbedding(nn.Module):
                  embed_scale: "torch.Tensor | float | None" = None):
         super().__init__()
         s = qw.scheme
-        if not (s.kind == "float" or (s.kind in ("int", "llm-int8") and s.bits == 8 and s.symmetric and s.group_size == -1)):
-            raise ValueError(f"embeddings can be stored as bf16, fp16, fp32 or int8 (per row), not {s.name}")
+        if not (s.kind in ("float", "ggml") or (s.kind in ("int", "llm-int8") and s.bits == 8 and s.symmetric
+                                                 and s.group_size == -1)):
+            raise ValueError(f"embeddings can be stored as bf16, fp16, fp32, int8 (per row) or a GGUF type, not {s.name}")
         self.num_embeddings, self.embedding_dim = qw.shape
         self.padding_idx = padding_idx
         self.out_dtype = out_dtype
@@ -150,6 +151,8 @@ class QuantEmbedding(nn.Module):
         lin.pack()
         if lin.scheme.kind == "float":
             out = lin.weight[ids].to(self.out_dtype)
+        elif lin.scheme.kind == "ggml":  # a GGUF table kept as its blocks: the looked-up rows dequantized
+            out = lin.kernel.embed_rows(lin._bufs, lin.scheme, lin._shape, ids).to(self.out_dtype)
         else:
             b = lin._bufs  # int8 codes and fp16 scale [V, 1], named by the kernel that holds them
             q, s16 = (b["q"], b["scale16"]) if "q" in b else (b["st_qweight"], b["st_scale"])
