@@ -104,7 +104,7 @@ def hf_float(src: Source, dtype=torch.float32):
 
 class QuantkitRunner(Runner):
     def __init__(self, src: Source, scheme: str, method: str = "rtn", head: str | None = None,
-                 calib_samples: int = 32):
+                 calib_samples: int = 32, compiled: bool = False):
         import quantkit as qk
         from quantkit.evaluate.size import disk_bytes
 
@@ -122,7 +122,25 @@ class QuantkitRunner(Runner):
         self.model, _ = qk.load(str(out))  # what a user runs: the saved model reloaded
         self.library = f"quantkit {qk.__version__}"
         self.label = f"quantkit {scheme}" + (f" {method}" if method != "rtn" else "") + (f", head {head}" if head else "")
-        self.notes = "quantkit kernels (bf16 activations where faster)"
+        self.notes = "quantkit kernels (native fp32 where built, else torch ops)"
+        self.compiled = compiled
+        if compiled:
+            self.label += ", compiled decode"
+            self.notes += "; decode steps through torch.compile with a StaticCache (compiled untimed, first)"
+
+    @torch.inference_mode()
+    def _greedy(self, prompt: torch.Tensor, steps: int) -> tuple[list[int], float]:
+        if not self.compiled:
+            return super()._greedy(prompt, steps)
+        from quantkit.evaluate.speed import _greedy_compiled  # what `quantkit generate` decodes with
+
+        self.model.eval()
+        cache_len = prompt.shape[1] + 129  # one shape for every call (decode and greedy), so one graph
+        if not getattr(self, "_warm", False):
+            _greedy_compiled(self.model, prompt, 2, cache_len)  # compiles, untimed
+            self._warm = True
+        tokens, seconds = _greedy_compiled(self.model, prompt, steps, cache_len)
+        return tokens.tolist(), seconds
 
 
 class QuantkitPlanRunner(QuantkitRunner):
@@ -612,7 +630,7 @@ class LlamaCppRunner(Runner):
 
         out = src.work / f"llamacpp-{ftype}.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = FTYPES[ftype]
+        params.ftype = {**FTYPES, "IQ4_NL": 25}[ftype]  # llama.cpp's LLAMA_FTYPE_MOSTLY_IQ4_NL
         params.nthread = src.threads
         t0 = time.perf_counter()
         rc = llama_cpp.llama_model_quantize(str(src.f16_gguf).encode(), str(out).encode(), ctypes.byref(params))
@@ -667,6 +685,11 @@ BUILDERS: dict[str, Callable[[Source], Runner]] = {
     "quantkit-int8-head-int8": quantkit_builder("int8", head="int8"),
     "quantkit-int4-g128": quantkit_builder("int4-g128"),
     "quantkit-int4-g128-gptq": quantkit_builder("int4-g128", method="gptq"),
+    "quantkit-int4-g128-head-int8": quantkit_builder("int4-g128", head="int8"),
+    "quantkit-nf4-dq-head-int8": quantkit_builder("nf4-b64-dq", head="int8"),
+    "quantkit-gguf-q4_0": quantkit_builder("gguf-q4_0"),
+    "quantkit-int4-g128-head-int8-compiled": quantkit_builder("int4-g128", head="int8", compiled=True),
+    "quantkit-nf4-dq-head-int8-compiled": quantkit_builder("nf4-b64-dq", head="int8", compiled=True),
     # peers (benchmarks/setup_peers.sh installs them into .venv-peers)
     "torchao-int8-wo": lambda s: TorchaoRunner(s, "int8-wo"),
     "torchao-int4-wo-g128": lambda s: TorchaoRunner(s, "int4-wo", group_size=128),
@@ -681,6 +704,7 @@ BUILDERS: dict[str, Callable[[Source], Runner]] = {
     "llamacpp-Q8_0": lambda s: LlamaCppRunner(s, "Q8_0"),
     "llamacpp-Q4_0": lambda s: LlamaCppRunner(s, "Q4_0"),
     "llamacpp-Q4_K_M": lambda s: LlamaCppRunner(s, "Q4_K_M"),
+    "llamacpp-IQ4_NL": lambda s: LlamaCppRunner(s, "IQ4_NL"),
     "bitsandbytes-nf4": lambda s: BnbRunner(s, "nf4"),
     "bitsandbytes-int8": lambda s: BnbRunner(s, "int8"),
 }

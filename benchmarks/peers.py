@@ -168,13 +168,13 @@ def report(results: list[dict], spec: dict, folder: Path, findings: str, gens: d
     chart per library, the findings and the generations side by side."""
     from quantkit import report as rep
 
-    folder.mkdir(parents=True, exist_ok=True)
+    plots = Path(tempfile.mkdtemp(prefix="peers-plots-"))  # the report folder is written whole, at the end
     series: dict[str, list] = {}
     for r in results:
         if "perplexity" in r and r["row"] not in ("fp32", "bf16"):
             series.setdefault(family(r), []).append((r["size_bytes"], r["perplexity"], short(r)[1]))
     fp32 = next(r["perplexity"] for r in results if r["row"] == "fp32")
-    front = rep.plot_fronts(series, folder / "front.png", title="size vs perplexity, SmolLM2-135M",
+    front = rep.plot_fronts(series, plots / "front.png", title="size vs perplexity, SmolLM2-135M",
                             xlabel="size MB (as the library stores the model)", lines=False, logy=True,
                             reference=fp32)
     rows = []
@@ -215,6 +215,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("QUANTKIT_THREADS", os.cpu_count() or 2)))
     ap.add_argument("--report", default=str(ROOT / "reports" / "peers"))
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--section", default="peers", help="docs/benchmarks.md section to write (a subset of --rows: "
+                                                       "give it its own, e.g. peers-decode)")
     ap.add_argument("--rerender", metavar="RESULTS_JSON",
                     help="rebuild the report (--report) from an earlier run's results.raw.json; measures nothing")
     a = ap.parse_args()
@@ -226,6 +228,7 @@ def main() -> None:
             raise SystemExit(f"--rerender needs the results.raw.json a run of this script wrote: {e}") from None
         md = report(saved["results"], saved["spec"], Path(a.report), saved["findings"],
                     generations(saved["results"], saved["spec"]["tok_dir"]))
+        (Path(a.report) / "results.raw.json").write_text(json.dumps(saved, indent=1))
         print(f"report: {md}")
         return
     rows = [r for r in a.rows.split(",") if r and r != "fp32"]
@@ -282,16 +285,15 @@ def main() -> None:
     text = table(results, spec["n_params"]) + "\n\n" + findings
     print(text)
     folder = Path(a.report)
-    folder.mkdir(parents=True, exist_ok=True)
     spec.update(machine=machine(), command="python " + " ".join([sys.argv[0]] + sys.argv[1:]),
                 date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    (folder / "results.raw.json").write_text(json.dumps({"spec": spec, "results": results, "findings": findings},
-                                                        indent=1))
-    md = report(results, spec, folder, findings, gens)
-    print(f"report: {md}")
-    if not a.no_write:
-        write_section("peers", f"quantkit and its peers on SmolLM2-135M (first {a.tokens} tokens of the evaluation text)",
+    if not a.no_write:  # first: the table is kept even if the report folder is refused
+        write_section(a.section, f"quantkit and its peers on SmolLM2-135M (first {a.tokens} tokens of the evaluation text)",
                       text)
+    raw = json.dumps({"spec": spec, "results": results, "findings": findings}, indent=1)
+    md = report(results, spec, folder, findings, gens)
+    (folder / "results.raw.json").write_text(raw)  # into the report folder quantkit just wrote
+    print(f"report: {md}")
 
 
 if __name__ == "__main__":

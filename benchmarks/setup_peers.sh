@@ -14,10 +14,23 @@ PIP=(.venv-peers/bin/python -m pip install --quiet --disable-pip-version-check -
 # torch first, so that resolving the rest never pulls a CUDA build
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" -e ".[peers]"
-# CPU build; GGML_NATIVE uses this machine's instruction set. -j2 keeps memory modest.
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+# CPU build; GGML_NATIVE uses this machine's instruction set. -j2 keeps memory modest. On CPUs with AMX
+# (Sapphire Rapids and later Xeons) llama.cpp's AMX matmul crashes with SIGSEGV in the VMs here
+# (ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36, 2026-12-03), so there the build names the ISA
+# itself (AVX-512 with VNNI/BF16, no AMX) instead of -march=native.
+default_cmake="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+  default_cmake="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+  # an AMX build already installed (e.g. from pip's wheel cache): build again, without AMX
+  if .venv-peers/bin/python -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info())" 2>/dev/null; then
+    EXTRA_PIP=(--no-cache-dir --force-reinstall --no-deps)
+  fi
+fi
+CMAKE_ARGS="${CMAKE_ARGS:-$default_cmake}" \
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
-  "${PIP[@]}" "llama-cpp-python==0.3.36"
+  "${PIP[@]}" ${EXTRA_PIP[@]+"${EXTRA_PIP[@]}"} "llama-cpp-python==0.3.36"
 .venv-peers/bin/python - <<'PY'
 from importlib.metadata import version
 import torch

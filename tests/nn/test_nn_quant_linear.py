@@ -148,3 +148,13 @@ def test_quant_embedding_linear_is_the_tied_head():
 def test_quant_embedding_refuses_other_schemes(scheme):
     with pytest.raises(ValueError, match="embeddings can be stored as"):
         QuantEmbedding(quantize(_x(64, 64, seed=9), scheme))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32", "nf4-dq", "fp8-e4m3", "gguf-q4_1", "int5-g32"])
+def test_weight_attribute_reads_as_int8_codes_before_and_after_packing(scheme):
+    """Model code reads `layer.weight.dtype` (T5 casts its feed-forward input to it unless it is
+    int8): a quantized layer must never answer with a scale's float16 or the codes' uint8."""
+    ql = QuantLinear(quantize(torch.randn(32, 256), scheme))
+    assert ql.weight.dtype == torch.int8
+    ql(torch.randn(1, 256))
+    assert ql.weight.dtype == torch.int8

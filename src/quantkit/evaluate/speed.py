@@ -79,6 +79,12 @@ def compiled_step(model: nn.Module):
             return model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos,
                          position_ids=pos[None]).logits
 
+        # every model's step is the same Python function to dynamo: one compiled graph per model
+        # counts against the function's recompile limit (8 by default), past which dynamo would
+        # silently run later models eagerly
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         step = torch.compile(eager, dynamic=False)
         object.__setattr__(model, "_quantkit_compiled_step", step)  # not a submodule
     return step

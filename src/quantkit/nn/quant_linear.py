@@ -45,14 +45,17 @@ class QuantLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """What model code that reads `layer.weight` (for its dtype, as T5's feed-forward does
         to cast its input) finds: the kernel's float weight where it has one, else the stored
-        codes (an integer tensor, as bitsandbytes' int8 layers show). Not the float weight:
-        use `dequantized_weight()` for that."""
+        codes as int8 (as bitsandbytes' int8 layers show; model code leaves int8 weights'
+        inputs alone, where a uint8 or float16 tensor, e.g. a scale, would make T5 cast its
+        activations to that dtype). Not the float weight: use `dequantized_weight()` for that."""
         w = self._buffers.get("weight")
         if w is not None:
             return w
-        if self._parts:
-            return self._buffers[_ST + self._parts[0]]
-        return next(iter(self.buffers_dict().values()))
+        for name in ("st_qweight", "codes", "q", "packed"):
+            w = self._buffers.get(name)
+            if w is not None:
+                return w.view(torch.int8) if w.element_size() == 1 and w.dtype != torch.int8 else w
+        return next(iter(self._buffers.values()))
 
     def _storage(self) -> dict[str, torch.Tensor]:
         return {part: getattr(self, _ST + part) for part in self._parts}
