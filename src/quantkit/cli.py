@@ -346,7 +346,7 @@ def cmd_eval(a):
     src = resolve(a.model)
     size = disk_bytes(src.path) if src.path is not None and Path(src.path).exists() else None
     res = evaluate_model(model, tok, text=text, reference=reference, ctx=a.ctx, max_tokens=a.max_tokens,
-                         speed=a.speed, size_bytes=size)
+                         speed=a.speed, size_bytes=size, compile_speed=a.compile)
     if a.json:
         print(_json(res))
         return
@@ -363,7 +363,8 @@ def cmd_compare(a, schemes=None, model=None):
     result = compare(model or a.model, schemes or a.schemes, text=text, ctx=a.ctx, max_tokens=a.max_tokens,
                      head=a.head, speed=not a.no_speed, report_dir=a.report, command=" ".join(["quantkit"] + sys.argv[1:]),
                      calib=_text(a.calib, "calib"), calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed,
-                     transforms=_transforms(a), allow_pickle=getattr(a, "allow_pickle", False))
+                     transforms=_transforms(a), allow_pickle=getattr(a, "allow_pickle", False),
+                     compile_speed=a.compile)
     if a.json:
         print(to_json(result))
         return
@@ -861,6 +862,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=POS_INT, default=None, help="evaluate on the first N tokens")
     e.add_argument("--ctx", type=_number(int, 2), default=512, help="window length (non-overlapping windows)")
     e.add_argument("--speed", action="store_true", help="also measure greedy decode tokens/s at batch 1")
+    e.add_argument("--compile", action="store_true",
+                   help="with --speed: time decode through a compiled step (torch.compile; ~40 s to compile on 2 cores)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
@@ -881,6 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--ctx", type=_number(int, 2), default=512)
         c.add_argument("--head", default=None, choices=HEAD_CHOICES, help="storage of embeddings and output head")
         c.add_argument("--no-speed", action="store_true", help="skip decode timing")
+        c.add_argument("--compile", action="store_true", help="time decode through compiled steps (torch.compile; "
+                                                              "~40 s to compile per scheme on 2 cores)")
         _transform_args(_calibration_args(c, gptq=False))
         c.add_argument("--report", default=None if name == "compare" else "reports/demo",
                        help="folder for report.md, report.html (self-contained), results.json and PNG plots")

@@ -51,10 +51,11 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
     out_ids: list[int] = []
     shown = ""
 
-    def emit():
+    def emit(final: bool = False):
         nonlocal shown
         text = tokenizer.decode(out_ids, skip_special_tokens=True)
-        if on_text is not None and len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
+        # whole characters only, until the end (a byte-level piece waits for the next token)
+        if on_text is not None and len(text) > len(shown) and (final or not text.endswith("\ufffd")):
             on_text(text[len(shown):])
             shown = text
 
@@ -96,6 +97,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
                 object.__setattr__(model, "_quantkit_step_compiled", compiled)
         sync_device(device)
         rest = time.perf_counter() - t1
+        emit(final=True)
     steps_after_first = max(len(out_ids) - 2, 0)
     return {"text": tokenizer.decode(out_ids, skip_special_tokens=True), "new_tokens": len(out_ids),
             "prompt_tokens": p, "prefill_seconds": prefill, "compile_seconds": first if compiled else 0.0,

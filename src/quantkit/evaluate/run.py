@@ -58,8 +58,10 @@ def guard_reference(model, reference, tokenizer=None) -> None:
 
 
 def evaluate_model(model, tokenizer, text=None, reference=None, ctx=512, max_tokens=None, speed=False,
-                   windows=None, size_bytes=None, progress=True, guard=True) -> dict:
+                   windows=None, size_bytes=None, progress=True, guard=True, compile_speed=False) -> dict:
     """Perplexity, KLD/top-1 vs `reference` (a model or a ReferenceCache), sizes, speed.
+    `compile_speed`: time decode through a compiled step (decode_speed(compile=True); about 40 s
+    of untimed compiling per model on 2 cores) instead of the eager loop.
     `guard`: with a reference model, first check that quantkit holds it right (`guard_reference`)."""
     if guard:
         guard_reference(model, reference, tokenizer)
@@ -82,5 +84,6 @@ def evaluate_model(model, tokenizer, text=None, reference=None, ctx=512, max_tok
     res["memory_bytes"] = memory_bytes(model)
     if speed:
         ids = tokenizer(SPEED_PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
-        res["decode_tokens_per_s"] = decode_speed(model, ids, new_tokens=64)["decode_tokens_per_s"]
+        res["decode_tokens_per_s"] = decode_speed(model, ids, new_tokens=64, compile=compile_speed)["decode_tokens_per_s"]
+        res["decode_compiled"] = bool(compile_speed)
     return res
