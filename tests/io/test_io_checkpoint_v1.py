@@ -24,4 +24,7 @@ def test_version_1_checkpoint_loads_with_the_same_logits(folder):
     assert model.quantkit.config.scheme == qk.parse_scheme(folder.name)
     with torch.no_grad():
         logits = model(expected["ids"]).logits
-    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    # the stored logits were computed on an AMD EPYC; another CPU's fp32 reductions differ in the
+    # last bits, which this tiny model amplified to 0.002 in one fp8 logit on an Intel Xeon
+    # (2026-12-03). A loading error (a wrong tensor, scale or layout) moves logits by far more.
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=5e-3)
