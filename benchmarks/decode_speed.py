@@ -52,7 +52,8 @@ VARIANTS = [  # (label, scheme, head, SmoothQuant)
     ("fp4-dq", "fp4-b64-dq", None, None),
     ("fp8-e4m3", "fp8-e4m3", None, None),
     ("gguf-q4_0", "gguf-q4_0", None, None),
-    ("gguf-q4_k", "gguf-q4_k", None, None),  # widths of 576 fall back to Q5_0, as llama.cpp's Q4_K_M does
+    ("gguf-q4_k", "gguf-q4_k", None, None),
+    ("gguf-iq4_nl", "gguf-iq4_nl", None, None),  # widths of 576 fall back to Q5_0, as llama.cpp's Q4_K_M does
     ("w8a8-dynamic", "w8a8-dynamic", None, None),
     ("w8a8-static-minmax-o32 + SmoothQuant auto", "w8a8-static-minmax-o32", None, "auto"),
 ]

@@ -26,7 +26,8 @@ SCHEMES = ["int8", "int8-asym", "int8-g32", "int7", "int6-g64", "int5-g32-sym", 
            "int4-tensor", "int3-g128", "int3-g32-sym", "int2-g64", "int2-g32-sym", "nf4-dq", "nf4-b32", "fp4-dq",
            "fp4-b128", "fp8-e4m3", "fp8-e5m2",
            # GGUF's block types the native path runs (the K-quants need rows of 256: 1536 and 4864 here)
-           "gguf-q8_0", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q4_k", "gguf-q5_k"]
+           "gguf-q8_0", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q4_k", "gguf-q5_k",
+           "gguf-iq4_nl"]
 SHAPES = [(33, 576), (7, 896), (5, 1536), (3, 4864), (9, 577)]  # odd N; K of SmolLM2 / Qwen2.5 and an odd one
 ROWS = [1, 3, 64, 513]  # decode, few rows, and many rows (the dequantize-then-GEMM side of the op)
 
@@ -131,7 +132,7 @@ def test_repacked_layouts_give_the_storage_back(scheme):
 
 
 @pytest.mark.parametrize("scheme,ratio", [("gguf-q4_0", 1.0), ("gguf-q4_1", 1.0), ("gguf-q8_0", 1.0),
-                                          ("gguf-q4_k", 6.5 / 4.5)])
+                                          ("gguf-q4_k", 6.5 / 4.5), ("gguf-iq4_nl", 1.0 + 64 / (16 * 1536 // 32 * 18))])  # + the 16 levels
 def test_gguf_layouts_hold_the_files_bytes_and_give_them_back(scheme, ratio):
     """The legacy types split into codes and float16 d (and m) hold exactly the file's bytes; Q4_K
     holds fp32 sub-block scales beside its codes. unpack gives llama.cpp's block bytes back."""

@@ -54,7 +54,7 @@ def _nibble_rows(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
 # Q4_K / Q5_K: per sub-block of 32, fp32 s = d·sc and b = -dmin·m (w = s·q + b), with the blocks'
 # 16-byte headers kept to give the bytes back (6.5 / 7.5 bits a weight held, against 4.5 / 5.5).
 _GGML = {"Q8_0": (S8, 0.0), "Q4_0": (INT_NIB, 8.0), "Q4_1": (INT_NIB, 0.0), "Q5_0": (U8, 16.0), "Q5_1": (U8, 0.0),
-         "Q4_K": (INT_NIB, 0.0), "Q5_K": (U8, 0.0)}
+         "Q4_K": (INT_NIB, 0.0), "Q5_K": (U8, 0.0), "IQ4_NL": (LUT_NIB, 0.0)}  # IQ4_NL: d * levels[q]
 
 
 def _ggml_split(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -65,6 +65,13 @@ def _ggml_split(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     from ..formats.ggml_k import K4_TYPES, k4_parts
 
     (n, k), t = qw.shape, qw.scheme.fp_format
+    if t == "IQ4_NL":  # blocks of 32: float16 d, then codes 0..15 low nibbles and 16..31 high
+        from ..formats.ggml_k import IQ4_LEVELS
+
+        b = qw.tensors["qweight"].reshape(-1, 18)
+        q = torch.cat([b[:, 2:18] & 0x0F, b[:, 2:18] >> 4], dim=1).reshape(n, k)
+        return {"codes": _nibble_rows(q, n, k), "d16": b[:, 0:2].contiguous().view(torch.float16).reshape(n, k // 32),
+                "lut": IQ4_LEVELS.clone()}
     if t in K4_TYPES:
         b = qw.tensors["qweight"].reshape(-1, 144 if t == "Q4_K" else 176)  # [n * k/256, nbytes]
         q, sc, bias = k4_parts(b, t)
@@ -96,6 +103,12 @@ def _ggml_join(buffers, scheme: Scheme, shape) -> QuantizedWeight:
 
     (n, k), t = shape, scheme.fp_format
     c = buffers["codes"]
+    if t == "IQ4_NL":
+        from ..formats.ggml_k import K_GRIDS
+
+        q = packing.unpack(c.reshape(-1), 4, c.numel() * 2).view(n, -1)[:, :k].reshape(-1, 32)
+        raw = K_GRIDS["IQ4_NL"].pack(q, {"d": buffers["d16"].reshape(-1).float()})
+        return QuantizedWeight(scheme, tuple(shape), {"qweight": raw.reshape(n, -1).contiguous()})
     if t in K4_TYPES:
         q = (packing.unpack(c.reshape(-1), 4, c.numel() * 2).view(n, -1)[:, :k] if t == "Q4_K" else c).to(torch.int32)
         raw = k4_blocks(buffers["hdr"].reshape(-1, 16), q.reshape(-1, 256), t)
@@ -176,6 +189,8 @@ class NativeKernel(Kernel):
             decode, zconst = _GGML[s.fp_format][:2]
             if "s32" in names:  # Q4_K / Q5_K
                 scale, group, bias = "s32", 32, "b32"
+            elif "lut" in names:  # IQ4_NL
+                scale, group, lut = "d16", 32, "lut"
             else:
                 scale, group, bias = "d16", 32, ("m16" if "m16" in names else None)
         elif s.kind == "int":
