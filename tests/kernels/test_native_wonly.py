@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from quantkit.formats import quantize
 from quantkit.kernels import native, pick_kernel
-from quantkit.kernels.weight_only import MAX_FUSED_ROWS, NativeKernel
+from quantkit.kernels.weight_only import GGUF_TYPES, MAX_FUSED_ROWS, NativeKernel
 
 if not native.wonly():
     pytest.skip(f"quantkit's native kernels are not built here: {native.why_not_native() or 'the build failed'}",
@@ -25,9 +25,9 @@ ISAS = [pytest.param(i, id=n) for i, n in ((1, "avx2"), (2, "avx512")) if i <= B
 SCHEMES = ["int8", "int8-asym", "int8-g32", "int7", "int6-g64", "int5-g32-sym", "int4", "int4-g32", "int4-g64-sym",
            "int4-tensor", "int3-g128", "int3-g32-sym", "int2-g64", "int2-g32-sym", "nf4-dq", "nf4-b32", "fp4-dq",
            "fp4-b128", "fp8-e4m3", "fp8-e5m2",
-           # GGUF's block types the native path runs (the K-quants need rows of 256: 1536 and 4864 here)
-           "gguf-q8_0", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q4_k", "gguf-q5_k",
-           "gguf-iq4_nl"]
+           # every GGUF block type the native path runs, from its own table (the K-quants need rows of
+           # 256: 1536 and 4864 here)
+           *(f"gguf-{t.lower()}" for t in GGUF_TYPES)]
 SHAPES = [(33, 576), (7, 896), (5, 1536), (3, 4864), (9, 577)]  # odd N; K of SmolLM2 / Qwen2.5 and an odd one
 ROWS = [1, 3, 64, 513]  # decode, few rows, and many rows (the dequantize-then-GEMM side of the op)
 

@@ -109,9 +109,10 @@ def _build(key: str):
                 msg = str(e).strip()
                 reason = f"the build failed ({type(e).__name__}: {msg.splitlines()[-1][:200] if msg else ''})"
                 mod = None
-        if mod is None:
-            log.warning("quantkit's %s are not used, torch ops run instead: %s", what, reason) if key == "wonly" \
-                else log.info("quantkit's %s is not used: %s", what, reason)
+        if mod is None and key == "wonly":  # every weight-only layer falls back: say so once, visibly
+            log.warning("quantkit's %s are not used, torch ops run instead: %s", what, reason)
+        elif mod is None:
+            log.info("quantkit's %s is not used: %s", what, reason)
         _cache[key] = mod
         return mod
 

@@ -33,7 +33,7 @@ INT_NIB, LUT_NIB, U8, S8, E4M3, E5M2 = range(6)
 MAX_FUSED_ROWS = 16
 
 
-def _int_layout(s: Scheme, shape) -> tuple[int, float]:
+def _int_layout(s: Scheme) -> tuple[int, float]:
     """(decode, zconst) of an integer scheme: the stored code's layout and the value its
     symmetric codes are stored offset by (affine codes subtract their stored zero instead)."""
     off = float(2 ** (s.bits - 1)) if s.symmetric and s.bits < 8 else 0.0
@@ -55,6 +55,7 @@ def _nibble_rows(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
 # 16-byte headers kept to give the bytes back (6.5 / 7.5 bits a weight held, against 4.5 / 5.5).
 _GGML = {"Q8_0": (S8, 0.0), "Q4_0": (INT_NIB, 8.0), "Q4_1": (INT_NIB, 0.0), "Q5_0": (U8, 16.0), "Q5_1": (U8, 0.0),
          "Q4_K": (INT_NIB, 0.0), "Q5_K": (U8, 0.0), "IQ4_NL": (LUT_NIB, 0.0)}  # IQ4_NL: d * levels[q]
+GGUF_TYPES = tuple(_GGML)  # the GGUF block types NativeKernel runs
 
 
 def _ggml_split(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -194,7 +195,7 @@ class NativeKernel(Kernel):
             else:
                 scale, group, bias = "d16", 32, ("m16" if "m16" in names else None)
         elif s.kind == "int":
-            decode, zconst = _int_layout(s, shape)
+            decode, zconst = _int_layout(s)
             scale, zero, group = "st_scale", ("st_zero" if "st_zero" in names else None), group_len(s, k)
         elif s.kind in ("nf4", "fp4"):
             decode, zconst, group, lut = LUT_NIB, 0.0, s.group_size, "lut"
