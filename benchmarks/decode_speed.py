@@ -19,6 +19,12 @@ overhead, paid by every model alike, goes away, and what remains is the matmuls.
 --isa avx2 forces the AVX2 path of quantkit's native kernels on an AVX-512 host (QUANTKIT_ISA);
 --prefill also times a 1 x 512 prompt to its first token (logits of the last position only),
 best of 3, after the decode rounds.
+
+Rows ending in ", int8 act" run quantkit's int8-activation option (quantkit.set_activations:
+each layer's input quantized per block to int8 at decode, integer multiply; prefill-sized calls
+stay exact). Its cost is in the same table: perplexity and KLD vs fp32 on the first --quality
+windows of 512 tokens, computed after the timing, the int8-activation rows through that path on
+every row (each row is quantized on its own: the numerics of decoding the window).
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from quantkit.nn import QuantLinear
 
 from _common import WIKI, write_section
 
-VARIANTS = [  # (label, scheme, head, SmoothQuant)
+VARIANTS = [  # (label, scheme, head, SmoothQuant); a label ending in A8 runs with int8 activations
     ("fp32", None, None, None),
     ("bf16", "bf16", None, None),
     ("int8", "int8", None, None),
@@ -57,6 +63,9 @@ VARIANTS = [  # (label, scheme, head, SmoothQuant)
     ("w8a8-dynamic", "w8a8-dynamic", None, None),
     ("w8a8-static-minmax-o32 + SmoothQuant auto", "w8a8-static-minmax-o32", None, "auto"),
 ]
+A8 = ", int8 act"  # the int8-activation option of the native kernels (quantkit.set_activations)
+VARIANTS += [(label + A8, scheme, head, None) for label, scheme, head, _ in VARIANTS
+             if label in ("int8 (head int8)", "int4-g128 (head int8)", "int4-g32", "nf4-dq (head int8)", "gguf-q4_0")]
 PROMPT = "The history of the city begins"
 
 
@@ -85,6 +94,9 @@ def main():
     ap.add_argument("--isa", choices=["auto", "avx2", "avx512"], default="auto",
                     help="the ISA quantkit's native kernels run (QUANTKIT_ISA)")
     ap.add_argument("--prefill", action="store_true", help="also time a 1 x 512 prompt to its first token")
+    ap.add_argument("--quality", type=int, default=4, metavar="N",
+                    help="perplexity and KLD vs fp32 on the first N x 512 tokens of --text, after the timing "
+                         "(int8-activation rows through that path on every row; 0: skip)")
     a = ap.parse_args()
     import os
 
@@ -104,6 +116,8 @@ def main():
                 calib = calib_samples(tok, qk.text(a.text, split="calib"), a.calib_samples, 512, 0)
             models[label] = model if scheme is None else qk.quantize(model, scheme, head=head, progress=False,
                                                                        calib=calib, transforms=[qk.SmoothQuant(smooth)] if smooth is not None else ())
+            if label.endswith(A8):
+                qk.set_activations(models[label], "int8")
     gc.collect()
     best = {k: 0.0 for k in models}
     for r in range(a.rounds):
@@ -120,20 +134,37 @@ def main():
             for label, m in models.items():
                 pre[label] = max(pre.get(label, 0.0), prefill_speed(m, long_ids, warmup=1, repeats=2, last_logits=True))
         print("prefill 1x512: " + ", ".join(f"{k} {v:.0f}" for k, v in pre.items()), flush=True)
+    qual = {}
+    if a.quality:
+        from quantkit.data import eval_windows
+        from quantkit.evaluate.quality import ReferenceCache, score
+
+        wins = eval_windows(tok, qk.text(a.text), ctx=512, max_tokens=512 * a.quality)
+        ref = ReferenceCache(model, wins, progress=False)
+        for label, m in models.items():
+            if label.endswith(A8):  # every row on int8 activations: the numerics of decoding the window
+                qk.set_activations(m, "int8-all")
+            r = score(m, wins, reference=ref, progress=False)
+            if label.endswith(A8):
+                qk.set_activations(m, "int8")
+            qual[label] = (r["perplexity"], r["kl_divergence"])
+        print(f"quality on {wins.numel()} tokens: " + ", ".join(f"{k} {p:.3f}/{d:.5f}" for k, (p, d) in qual.items()))
     base = best["fp32"]
     cols = "| variant | embeddings/head | kernel | weights MB | memory MB | decode tok/s | speed-up vs fp32 |"
-    lines = [cols + (" prefill 1x512 tok/s | prefill vs fp32 |" if pre else ""),
-             "|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if pre else "")]
+    lines = [cols + (" prefill 1x512 tok/s | prefill vs fp32 |" if pre else "") + (" perplexity | KLD vs fp32 |" if qual else ""),
+             "|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if pre else "") + ("---:|---:|" if qual else "")]
     for label, m in models.items():
         head = m.quantkit.head.get("scheme") if hasattr(m, "quantkit") else "fp32"
         lines.append(f"| {label} | {head} | {kernels_of(m)} | {weights_bytes(m) / 1e6:.1f} | {memory_bytes(m) / 1e6:.1f} | "
                      f"{best[label]:.1f} | {best[label] / base:.2f}x |"
-                     + (f" {pre[label]:.0f} | {pre[label] / pre['fp32']:.2f}x |" if pre else ""))
+                     + (f" {pre[label]:.0f} | {pre[label] / pre['fp32']:.2f}x |" if pre else "")
+                     + (f" {qual[label][0]:.3f} | {qual[label][1]:.5f} |" if qual else ""))
     table = "\n".join(lines)
     print(table)
     if not a.no_write:
         how = ", decode steps through torch.compile with a StaticCache" if a.compile else ""
         how += f", native kernels' ISA forced to {a.isa}" if a.isa != "auto" else ""
+        how += f"; quality on the first {a.quality} x 512 tokens of WikiText-2 test" if qual else ""
         write_section(a.section or ("decode-speed-compiled" if a.compile else "decode-speed"),
                       f"Decode speed at batch 1 ({a.model}, {a.tokens} tokens, best of {a.rounds} interleaved rounds{how})",
                       table, per_cpu=True)

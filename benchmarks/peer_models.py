@@ -104,7 +104,7 @@ def hf_float(src: Source, dtype=torch.float32):
 
 class QuantkitRunner(Runner):
     def __init__(self, src: Source, scheme: str, method: str = "rtn", head: str | None = None,
-                 calib_samples: int = 32, compiled: bool = False):
+                 calib_samples: int = 32, compiled: bool = False, int8_act: bool = False):
         import quantkit as qk
         from quantkit.evaluate.size import disk_bytes
 
@@ -124,9 +124,25 @@ class QuantkitRunner(Runner):
         self.label = f"quantkit {scheme}" + (f" {method}" if method != "rtn" else "") + (f", head {head}" if head else "")
         self.notes = "quantkit kernels (native fp32 where built, else torch ops)"
         self.compiled = compiled
+        self.int8_act = int8_act
+        if int8_act:  # the option's quality is measured on every row (log_probs), its speed at decode
+            qk.set_activations(self.model, "int8")
+            self.label += ", int8 activations"
+            self.notes += "; int8 activations (quantkit.set_activations; quality through them on every row)"
         if compiled:
             self.label += ", compiled decode"
             self.notes += "; decode steps through torch.compile with a StaticCache (compiled untimed, first)"
+
+    def log_probs(self, window: torch.Tensor) -> torch.Tensor:
+        if not self.int8_act:
+            return super().log_probs(window)
+        import quantkit as qk
+
+        qk.set_activations(self.model, "int8-all")  # each row on its own: the numerics of decoding the window
+        try:
+            return super().log_probs(window)
+        finally:
+            qk.set_activations(self.model, "int8")
 
     @torch.inference_mode()
     def _greedy(self, prompt: torch.Tensor, steps: int) -> tuple[list[int], float]:
@@ -690,6 +706,9 @@ BUILDERS: dict[str, Callable[[Source], Runner]] = {
     "quantkit-gguf-q4_0": quantkit_builder("gguf-q4_0"),
     "quantkit-int4-g128-head-int8-compiled": quantkit_builder("int4-g128", head="int8", compiled=True),
     "quantkit-nf4-dq-head-int8-compiled": quantkit_builder("nf4-b64-dq", head="int8", compiled=True),
+    "quantkit-int4-g128-head-int8-a8-compiled": quantkit_builder("int4-g128", head="int8", compiled=True, int8_act=True),
+    "quantkit-nf4-dq-head-int8-a8-compiled": quantkit_builder("nf4-b64-dq", head="int8", compiled=True, int8_act=True),
+    "quantkit-gguf-q4_0-a8-compiled": quantkit_builder("gguf-q4_0", compiled=True, int8_act=True),
     # peers (benchmarks/setup_peers.sh installs them into .venv-peers)
     "torchao-int8-wo": lambda s: TorchaoRunner(s, "int8-wo"),
     "torchao-int4-wo-g128": lambda s: TorchaoRunner(s, "int4-wo", group_size=128),

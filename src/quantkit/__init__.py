@@ -198,13 +198,24 @@ def prepare_qlora(model, scheme="nf4-b64-dq", r=8, alpha=32, dropout=0.05, targe
     return _prepare(model, scheme, r, alpha, dropout, targets, compute_dtype)
 
 
+def set_activations(model, mode="int8"):
+    """Run a quantized model's weight-only layers with int8 activations ("int8": at decode, each
+    layer's input quantized per block of 32-128 values to int8, integer multiply; faster,
+    approximate, its cost measured by benchmarks/decode_speed.py; "int8-all": every call, prefill
+    too) or back on the exact path ("exact", the default). Returns (layers switched, quantized
+    layers); see modules.set_activations."""
+    from .modules import set_activations as _set
+
+    return _set(model, mode)
+
+
 # every registered method and transform class under its class name (qk.GPTQ, qk.RTN,
 # qk.SmoothQuant, ...): a new one in algorithms/ needs no line here
 _REGISTERED = {cls.__name__: cls for cls in (*METHODS.values(), *TRANSFORMS.values())}
 globals().update(_REGISTERED)
 
 __all__ = [
-    "load", "quantize", "save", "export_gguf", "prepare_qat", "convert", "prepare_qlora", "quantize_for_gguf", "text", "evaluate", "inspect", "parse_scheme", "make_config",
+    "load", "quantize", "save", "set_activations", "export_gguf", "prepare_qat", "convert", "prepare_qlora", "quantize_for_gguf", "text", "evaluate", "inspect", "parse_scheme", "make_config",
     "Scheme", "QuantConfig", "Rule", "Method", "Transform", "METHODS", "TRANSFORMS", *_REGISTERED, "QuantizedWeight", "quantize_tensor", "dequantize", "storage_bytes",
     "GRAMMAR", "QuantkitError", "SchemeError", "SourceError", "DataError",
 ]

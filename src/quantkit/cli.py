@@ -342,6 +342,8 @@ def cmd_eval(a):
 
         raise SourceError(f"{a.model} has no tokenizer (no tokenizer files beside its weights); eval needs one to "
                           "read the text: copy the tokenizer files (tokenizer.json, tokenizer_config.json) into it")
+    if a.int8_activations:
+        _int8_activations(model, "int8-all")
     reference = load(a.reference, allow_pickle=a.allow_pickle)[0] if a.reference else None
     src = resolve(a.model)
     size = disk_bytes(src.path) if src.path is not None and Path(src.path).exists() else None
@@ -352,6 +354,25 @@ def cmd_eval(a):
         return
     for k, v in res.items():
         print(f"{k:22s} {v:,.4f}" if isinstance(v, float) else f"{k:22s} {v}")
+
+
+def _int8_activations(model, mode):
+    """--int8-activations: a quantized model's layers on int8 activations, or a clear refusal."""
+    from .errors import QuantkitError
+    from .kernels import native
+    from .modules import set_activations
+
+    if not native.wonly():
+        raise QuantkitError(f"--int8-activations needs quantkit's native kernels, which are not built here: "
+                            f"{native.why_not_native() or 'the build failed'}")
+    try:
+        done, total = set_activations(model, mode)
+    except QuantkitError as e:
+        raise QuantkitError(f"--int8-activations: {e} (quantize it first, e.g. --scheme int4-g128)") from None
+    if done == 0:
+        raise QuantkitError("--int8-activations: none of the model's quantized layers has an int8-activation path "
+                            "(it needs integer codes or nf4/fp4/IQ4_NL in groups of a multiple of 32)")
+    print(f"[int8 activations: {done} of {total} quantized layers]", file=sys.stderr)
 
 
 def cmd_compare(a, schemes=None, model=None):
@@ -393,6 +414,8 @@ def cmd_generate(a):
         raise SourceError(f"{a.model} has no tokenizer (no tokenizer files beside its weights); generate needs one")
     if a.scheme:
         model = quantize(model, a.scheme, head=a.head, progress=False)
+    if a.int8_activations:
+        _int8_activations(model, "int8")
     stream = not a.json
 
     def text(piece):
@@ -864,6 +887,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--speed", action="store_true", help="also measure greedy decode tokens/s at batch 1")
     e.add_argument("--compile", action="store_true",
                    help="with --speed: time decode through a compiled step (torch.compile; ~40 s to compile on 2 cores)")
+    e.add_argument("--int8-activations", action="store_true",
+                   help="run the quantized layers with int8 activations (quantkit's native kernels, every call: "
+                        "perplexity and KLD measure the approximation, --speed its decode)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
@@ -903,6 +929,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheme", default=None, help="quantize the loaded model with this scheme first (RTN)")
     g.add_argument("--head", default=None, choices=HEAD_CHOICES, help="with --scheme: storage of embeddings and head")
     g.add_argument("--no-compile", action="store_true", help="decode eagerly (no torch.compile)")
+    g.add_argument("--int8-activations", action="store_true",
+                   help="decode with int8 activations (per block of 32-128 values, integer multiply: faster, "
+                        "approximate; quantkit's native kernels)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     g.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming")
     g.set_defaults(fn=cmd_generate)

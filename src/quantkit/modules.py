@@ -22,7 +22,7 @@ from .scheme import Scheme, parse_scheme
 
 log = logging.getLogger(__name__)
 
-__all__ = ["linear_weight", "set_module", "head_modules", "tied_embeddings", "quantized_summary", "check_float", "head_storage",
+__all__ = ["linear_weight", "set_module", "set_activations", "head_modules", "tied_embeddings", "quantized_summary", "check_float", "head_storage",
            "head_scheme", "check_rules", "quantizable_layers", "Target", "iter_targets", "resolve_layer",
            "tensor_key", "unique_tensors", "fallbacks", "HEAD_STORAGES"]
 
@@ -83,6 +83,25 @@ def quantized_summary(model: nn.Module) -> str | None:
     if len(counts) <= 1:
         return next(iter(counts), "none")
     return ", ".join(f"{s} x {n}" for s, n in counts.most_common())
+
+
+def set_activations(model: nn.Module, mode: str = "int8") -> tuple[int, int]:
+    """Run every quantized Linear of `model` with activation mode `mode`: "int8" quantizes each
+    layer's input per block to int8 and multiplies in integers at decode (the explicit,
+    approximate speed option of quantkit's native kernels; prefill-sized calls stay exact),
+    "int8-all" does so for every call (perplexity then measures the decode numerics), "exact"
+    (the default of every layer) goes back.
+    Returns (layers that run `mode`, quantized layers in all); layers whose kernel or layout has
+    no int8 path (fp8, torch-ops kernels, groups not a multiple of 32) stay exact, said in one log line."""
+    layers = {id(m): m for m in model.modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise QuantkitError("the model has no quantized layers: set_activations applies to a quantized model")
+    done = sum(m.set_activations(mode) for m in layers.values())
+    if done < len(layers):
+        kept = Counter(f"{m.scheme.name} ({m.kernel.name})" for m in layers.values() if not m.set_activations(mode))
+        log.info("activations %s: %d of %d layers; exact: %s", mode, done, len(layers),
+                 ", ".join(f"{k} x {n}" for k, n in kept.most_common()))
+    return done, len(layers)
 
 
 def check_float(model: nn.Module) -> None:

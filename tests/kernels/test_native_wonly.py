@@ -195,3 +195,26 @@ def test_without_native_everything_runs_on_torch_ops_and_says_so_once():
     assert "kernels ['int4pack', 'dequant', 'int8pack']" in out.stdout
     lines = [ln for ln in out.stderr.splitlines() if "weight-only kernels are not used" in ln]
     assert len(lines) == 1 and "QUANTKIT_NATIVE=0" in lines[0], out.stderr
+
+
+def test_bound_layers_run_by_handle_and_are_released_with_their_layer():
+    """A layer's arguments are registered once (wonly_bind) and each call passes a handle; the
+    handle answers the same as the unbound op, and goes away with the layer's bind result."""
+    import gc
+
+    qw = _qw("int4-g64", (40, 576))
+    b = NativeKernel.pack(qw)
+    bound = NativeKernel.bind(b, qw.scheme, qw.shape)
+    handle = bound[0]
+    args = NativeKernel.op_args(b, qw.scheme, qw.shape)
+    for rows in (1, 5, MAX_FUSED_ROWS + 3):
+        x = torch.randn(rows, 576)
+        torch.testing.assert_close(torch.ops.quantkit.wonly_run(x, handle, 40),
+                                   torch.ops.quantkit.wonly_linear(x, *args, 0, MAX_FUSED_ROWS), rtol=0, atol=0)
+        torch.library.opcheck(torch.ops.quantkit.wonly_run.default, (x, handle, 40))
+    with pytest.raises(RuntimeError, match="has 40 outputs"):
+        torch.ops.quantkit.wonly_run(torch.randn(1, 576), handle, 41)
+    del bound
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no bound layer"):
+        torch.ops.quantkit.wonly_run(torch.randn(1, 576), handle, 40)

@@ -143,17 +143,34 @@ class Kernel:
             return dequantize_rows(qw.tensors["qweight"][ids], scheme.fp_format)
         return qw.dequantize()[ids]
 
+    activations: tuple[str, ...] = ("exact",)  # activation modes `bind` accepts (see ACTIVATIONS)
+
     @staticmethod
-    def bind(buffers: dict[str, torch.Tensor], scheme: Scheme, shape) -> object | None:
+    def bind(buffers: dict[str, torch.Tensor], scheme: Scheme, shape, act: str = "exact") -> object | None:
         """What `run` needs, worked out once per layer (after packing, and after a move to another
         device): for kernels whose per-call argument handling costs more than the matmul itself
-        at decode. None (the default): the layer calls `matmul`."""
+        at decode. None (the default): the layer calls `matmul`. `act` is the layer's activation
+        mode (ACTIVATIONS); a kernel binds "int8" only where it has that path, else "exact"."""
         return None
+
+    @staticmethod
+    def bound_activations(bound) -> str:
+        """The activation mode a `bind` result runs."""
+        return "exact"
 
     @staticmethod
     def run(x: torch.Tensor, bound) -> torch.Tensor:
         """matmul through what `bind` returned."""
         raise NotImplementedError
+
+
+# Activation modes of weight-only layers: "exact" multiplies the float activations with the stored
+# weight (the default; every perplexity quantkit reports is on it); "int8" quantizes activations
+# per block to int8 first and multiplies in integers (faster, approximate: the explicit option)
+# where a call has few rows (decode), keeping the exact path for prefill-sized calls, where it is
+# faster; "int8-all" does it for every call (each row is quantized on its own, so a window scored
+# this way sees the numerics of decoding it token by token: what quality measurements use).
+ACTIVATIONS = ("exact", "int8", "int8-all")
 
 
 class DequantKernel(Kernel):

@@ -35,7 +35,7 @@ _EXTENSIONS = {
     "w8a8": (["w8a8_avx2.cpp"], ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"], True,
              "AVX2 int8 kernel"),
     # no -mavx2 for the whole file: each ISA's code is compiled for its own target (#pragma GCC target)
-    "wonly": (["wonly.cpp", "wonly_impl.h"], ["-O3", "-ffp-contract=off", "-fopenmp"], False, "weight-only kernels"),
+    "wonly": (["wonly.cpp", "wonly_impl.h", "wonly_a8.h"], ["-O3", "-ffp-contract=off", "-fopenmp"], False, "weight-only kernels"),
 }
 ISAS = {"auto": 0, "avx2": 1, "avx512": 2}
 
@@ -154,3 +154,15 @@ def wonly_isa() -> int:
 
 
 _isa_cache: dict[str, int] = {}
+
+
+def wonly_a8_isa() -> int:
+    """The path of the int8-activation op (1 AVX2, 2 AVX-512 VNNI): QUANTKIT_ISA=avx2 forces
+    AVX2, else the best this CPU has (AVX-512 without VNNI runs the AVX2 path)."""
+    isa = wonly_isa()
+    if isa == 1:
+        return 1
+    best = _isa_cache.get("a8")  # asked once: an op call returning an int would break torch.compile's graph
+    if best is None:
+        best = _isa_cache["a8"] = int(torch.ops.quantkit.wonly_a8_best_isa())
+    return best

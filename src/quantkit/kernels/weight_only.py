@@ -10,6 +10,14 @@ The layer's buffers are the storage tensors themselves (st_<part>): the codes of
 integer, nf4 and fp4 weights with an even row length, and of every byte-wide layout, are used
 as stored. 2- and 3-bit codes (and odd row lengths) are repacked once into 4-bit rows
 ("codes"), from which `unpack` gives the storage back exactly.
+
+The int8-activation option (`QuantLinear.set_activations("int8")`, `quantkit.set_activations`)
+runs `torch.ops.quantkit.wonly_linear_a8` instead where a layout has it (integer codes and
+16-level codebooks in groups of a multiple of 32): the input quantized per block of 32-128
+values to int8 and multiplied with the stored codes in integers (wonly_a8.h), as llama.cpp
+does. It is approximate (its cost is measured by benchmarks/decode_speed.py) and serves up to
+MAX_FUSED_ROWS input rows; more rows (prefill) keep the exact path, which is faster there
+("int8-all" runs every call through it, for quality measurements).
 """
 from __future__ import annotations
 
@@ -127,6 +135,21 @@ def _ggml_join(buffers, scheme: Scheme, shape) -> QuantizedWeight:
     return QuantizedWeight(scheme, tuple(shape), {"qweight": raw.contiguous()})
 
 
+class _Handle:
+    """Unregisters a bound layer (torch.ops.quantkit.wonly_bind) when its layer lets it go."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __del__(self):
+        try:
+            torch.ops.quantkit.wonly_unbind(self.handle)
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass
+
+
 class NativeKernel(Kernel):
     name = "native"
 
@@ -237,19 +260,42 @@ class NativeKernel(Kernel):
         out = torch.ops.quantkit.wonly_dequant(*args, native.wonly_isa(), 0, r)
         return out.reshape(*ids.shape, shape[1])
 
-    @staticmethod
-    def bind(buffers, scheme, shape):
-        if buffers[next(iter(buffers))].device.type != "cpu":
-            return None  # moved off the CPU: matmul refuses it there (the ops are CPU ops)
-        return NativeKernel.op_args(buffers, scheme, shape)
+    activations = ("exact", "int8")
 
     @staticmethod
-    def run(x, args):
-        n, k = args[7], args[8]
+    def int8_activations_ok(args: tuple) -> bool:
+        """Whether a layer's layout has the int8-activation path: integer codes or a 16-level
+        codebook (not fp8) in groups of a multiple of 32 values."""
+        group, decode = args[9], args[10]
+        return decode <= S8 and group % 32 == 0
+
+    @staticmethod
+    def bind(buffers, scheme, shape, act="exact"):
+        """The layer's op arguments registered once with the op library (wonly_bind): each call
+        then passes x and a handle (wonly_run), not 15 arguments that Python's dispatch would
+        parse and torch.compile guard one by one. (handle, N, K, int8-activation rows, keeper):
+        the keeper unregisters the handle when the layer lets this go."""
+        if buffers[next(iter(buffers))].device.type != "cpu":
+            return None  # moved off the CPU: matmul refuses it there (the ops are CPU ops)
+        args = NativeKernel.op_args(buffers, scheme, shape)
+        a8_rows = 0  # input rows up to which the int8-activation path runs
+        if act != "exact" and NativeKernel.int8_activations_ok(args):
+            a8_rows = MAX_FUSED_ROWS if act == "int8" else 2**62
+        handle = int(torch.ops.quantkit.wonly_bind(*args, native.wonly_isa(), native.wonly_a8_isa() if a8_rows else 0,
+                                                   MAX_FUSED_ROWS, a8_rows))
+        return (handle, args[7], args[8], a8_rows, _Handle(handle))
+
+    @staticmethod
+    def bound_activations(bound):
+        return "exact" if not bound[3] else "int8" if bound[3] == MAX_FUSED_ROWS else "int8-all"
+
+    @staticmethod
+    def run(x, bound):
+        n, k = bound[1], bound[2]
         x2 = x.reshape(-1, k)
         if x2.dtype != torch.float32:
             x2 = x2.float()
-        y = torch.ops.quantkit.wonly_linear(x2, *args, native.wonly_isa(), MAX_FUSED_ROWS)
+        y = torch.ops.quantkit.wonly_run(x2, bound[0], n)
         return y.view(*x.shape[:-1], n) if x.dtype == torch.float32 else y.view(*x.shape[:-1], n).to(x.dtype)
 
     @staticmethod

@@ -33,7 +33,10 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -62,8 +65,25 @@ struct Args {
 namespace avx2 {
 #define QK_AVX512 0
 #include "wonly_impl.h"
+#define QK_VNNI 0
+#include "wonly_a8.h"
+#undef QK_VNNI
 #undef QK_AVX512
 }  // namespace avx2
+#pragma GCC pop_options
+
+// the int8-activation path with AVX-512 VNNI's vpdpbusd on 256-bit vectors (its float helpers are
+// wonly_impl.h's AVX2 ones, compiled again for this target)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512vnni,avx2,fma,f16c")
+namespace vnni {
+#define QK_AVX512 0
+#include "wonly_impl.h"
+#define QK_VNNI 1
+#include "wonly_a8.h"
+#undef QK_VNNI
+#undef QK_AVX512
+}  // namespace vnni
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -84,6 +104,24 @@ bool has_avx512() {
   __builtin_cpu_init();
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+bool has_vnni() {
+  __builtin_cpu_init();
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+// the int8-activation op's paths: 1 = AVX2 (vpmaddubsw), 2 = AVX-512 VNNI (vpdpbusd)
+int pick_isa_a8(int64_t isa) {
+  if (isa == 0) {
+    if (has_vnni()) return 2;
+    TORCH_CHECK(has_avx2(), "quantkit native kernels need an x86-64 CPU with AVX2 and FMA");
+    return 1;
+  }
+  TORCH_CHECK(isa == 1 || isa == 2, "isa must be 0 (auto), 1 (avx2) or 2 (avx512 vnni), got ", isa);
+  TORCH_CHECK(isa == 1 ? has_avx2() : has_vnni(), "this CPU has no ", isa == 1 ? "AVX2+FMA" : "AVX-512 VNNI");
+  return (int)isa;
 }
 
 int pick_isa(int64_t isa) {
@@ -159,6 +197,23 @@ void dequant_into(const Args& a, int isa, int64_t r0, int64_t r1, float* out) {
   else avx2::dequant_parallel(a, r0, r1, out);
 }
 
+// many rows: the exact weight in fp32, a chunk of rows at a time (at most ~8 MB), torch's GEMM, into y
+void gemm_rows(const Args& a, int isa, const at::Tensor& xc, at::Tensor& y) {
+  const int64_t N = a.N, K = a.K;
+  const int64_t chunk = std::max<int64_t>(16, (int64_t(8) << 20) / (4 * K));
+  at::Tensor w = at::empty({std::min(chunk, N), K}, xc.options());
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t r1 = std::min(N, r0 + chunk);
+    at::Tensor wc = w.narrow(0, 0, r1 - r0);
+    dequant_into(a, isa, r0, r1, wc.data_ptr<float>());
+    if (r0 == 0 && r1 == N) {
+      at::mm_out(y, xc, wc.t());
+      return;
+    }
+    y.narrow(1, r0, r1 - r0).copy_(at::mm(xc, wc.t()));
+  }
+}
+
 at::Tensor wonly_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                         const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& scale2,
                         const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& lut,
@@ -177,16 +232,28 @@ at::Tensor wonly_linear(const at::Tensor& x, const at::Tensor& codes, const at::
     else avx2::linear_rows(a, xc.data_ptr<float>(), M, y.data_ptr<float>());
     return y;
   }
-  // many rows: the exact weight in fp32, a chunk of rows at a time (at most ~8 MB), torch's GEMM
-  const int64_t chunk = std::max<int64_t>(16, (int64_t(8) << 20) / (4 * K));
-  at::Tensor w = at::empty({std::min(chunk, N), K}, x.options());
-  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-    const int64_t r1 = std::min(N, r0 + chunk);
-    at::Tensor wc = w.narrow(0, 0, r1 - r0);
-    dequant_into(a, which, r0, r1, wc.data_ptr<float>());
-    if (r0 == 0 && r1 == N) return at::mm(xc, wc.t());
-    y.narrow(1, r0, r1 - r0).copy_(at::mm(xc, wc.t()));
-  }
+  gemm_rows(a, which, xc, y);
+  return y;
+}
+
+// The int8-activation option: x quantized per block to int8 (wonly_a8.h), every row count.
+at::Tensor wonly_linear_a8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                           const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& scale2,
+                           const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& lut,
+                           const c10::optional<at::Tensor>& bias, int64_t N, int64_t K, int64_t group, int64_t decode,
+                           double zconst, double smul, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "x must be float32 [M, ", K, "] on the CPU");
+  Args a = make_args(codes, scale, zero, scale2, offset, lut, bias, N, K, group, decode, zconst, smul);
+  TORCH_CHECK(decode <= S8, "int8 activations need integer codes or a 16-level codebook, not fp8 (decode ", decode, ")");
+  TORCH_CHECK(group % 32 == 0, "int8 activations need groups of a multiple of 32 values, got ", group);
+  const int which = pick_isa_a8(isa);
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  if (which == 2) vnni::linear_a8(a, xc.data_ptr<float>(), M, y.data_ptr<float>());
+  else avx2::linear_a8(a, xc.data_ptr<float>(), M, y.data_ptr<float>());
   return y;
 }
 
@@ -202,7 +269,77 @@ at::Tensor wonly_dequant(const at::Tensor& codes, const at::Tensor& scale, const
   return out;
 }
 
+// Bound layers: a layer's tensors and arguments registered once (wonly_bind), so that each call
+// passes x and a handle (wonly_run) instead of 15 arguments, which torch's Python dispatch parses
+// in ~3 us and torch.compile guards one by one. Handles are never reused.
+struct Bound {
+  at::Tensor codes, scale;
+  c10::optional<at::Tensor> zero, scale2, offset, lut, bias;
+  Args a;
+  int isa, isa_a8;
+  int64_t max_rows, a8_rows;  // the fused path up to max_rows; int8 activations up to a8_rows
+};
+std::mutex bound_mu;
+std::vector<std::shared_ptr<const Bound>> bound_layers;
+
+int64_t wonly_bind(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                   const c10::optional<at::Tensor>& scale2, const c10::optional<at::Tensor>& offset,
+                   const c10::optional<at::Tensor>& lut, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
+                   int64_t group, int64_t decode, double zconst, double smul, int64_t isa, int64_t isa_a8,
+                   int64_t max_rows, int64_t a8_rows) {
+  auto b = std::make_shared<Bound>();
+  b->codes = codes; b->scale = scale; b->zero = zero; b->scale2 = scale2; b->offset = offset; b->lut = lut; b->bias = bias;
+  b->a = make_args(b->codes, b->scale, b->zero, b->scale2, b->offset, b->lut, b->bias, N, K, group, decode, zconst, smul);
+  b->isa = pick_isa(isa);
+  b->max_rows = max_rows;
+  b->a8_rows = a8_rows;
+  if (a8_rows > 0) {
+    TORCH_CHECK(decode <= S8 && group % 32 == 0, "this layout has no int8-activation path (decode ", decode, ", group ", group, ")");
+    b->isa_a8 = pick_isa_a8(isa_a8);
+  } else {
+    b->isa_a8 = 0;
+  }
+  std::lock_guard<std::mutex> g(bound_mu);
+  bound_layers.push_back(std::move(b));
+  return (int64_t)bound_layers.size() - 1;
+}
+
+void wonly_unbind(int64_t handle) {
+  std::lock_guard<std::mutex> g(bound_mu);
+  if (handle >= 0 && handle < (int64_t)bound_layers.size()) bound_layers[handle].reset();
+}
+
+at::Tensor wonly_run(const at::Tensor& x, int64_t handle, int64_t N) {
+  std::shared_ptr<const Bound> b;
+  {
+    std::lock_guard<std::mutex> g(bound_mu);
+    TORCH_CHECK(handle >= 0 && handle < (int64_t)bound_layers.size() && bound_layers[handle], "no bound layer ", handle);
+    b = bound_layers[handle];
+  }
+  const Args& a = b->a;
+  TORCH_CHECK(N == a.N, "layer ", handle, " has ", a.N, " outputs, not ", N);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == a.K && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "x must be float32 [M, ", a.K, "] on the CPU");
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0);
+  at::Tensor y = at::empty({M, a.N}, x.options());
+  if (M == 0) return y;
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (M <= b->a8_rows) {
+    if (b->isa_a8 == 2) vnni::linear_a8(a, xp, M, yp);
+    else avx2::linear_a8(a, xp, M, yp);
+  } else if (M <= b->max_rows) {
+    if (b->isa == 2) avx512::linear_rows(a, xp, M, yp);
+    else avx2::linear_rows(a, xp, M, yp);
+  } else {
+    gemm_rows(a, b->isa, xc, y);
+  }
+  return y;
+}
+
 int64_t best_isa() { return has_avx512() ? 2 : has_avx2() ? 1 : 0; }
+int64_t best_isa_a8() { return has_vnni() ? 2 : has_avx2() ? 1 : 0; }
 
 }  // namespace
 
@@ -212,10 +349,20 @@ TORCH_LIBRARY_FRAGMENT(quantkit, m) {
         "-> Tensor");
   m.def("wonly_dequant(Tensor codes, Tensor scale, Tensor? zero, Tensor? scale2, Tensor? offset, Tensor? lut, "
         "Tensor? bias, int N, int K, int group, int decode, float zconst, float smul, int isa, int r0, int r1) -> Tensor");
+  m.def("wonly_linear_a8(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? scale2, Tensor? offset, "
+        "Tensor? lut, Tensor? bias, int N, int K, int group, int decode, float zconst, float smul, int isa) -> Tensor");
+  m.def("wonly_run(Tensor x, int handle, int N) -> Tensor");
+  m.def("wonly_bind(Tensor codes, Tensor scale, Tensor? zero, Tensor? scale2, Tensor? offset, Tensor? lut, "
+        "Tensor? bias, int N, int K, int group, int decode, float zconst, float smul, int isa, int isa_a8, "
+        "int max_rows, int a8_rows) -> int", &wonly_bind);
+  m.def("wonly_unbind(int handle) -> ()", &wonly_unbind);
   m.def("wonly_best_isa() -> int", &best_isa);
+  m.def("wonly_a8_best_isa() -> int", &best_isa_a8);
 }
 
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("wonly_linear", &wonly_linear);
   m.impl("wonly_dequant", &wonly_dequant);
+  m.impl("wonly_linear_a8", &wonly_linear_a8);
+  m.impl("wonly_run", &wonly_run);
 }

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..formats import QuantizedWeight
-from ..kernels import pick_kernel
+from ..kernels import ACTIVATIONS, pick_kernel
 
 _ST = "st_"  # prefix of the storage buffers
 
@@ -32,6 +32,7 @@ class QuantLinear(nn.Module):
         self._names: list[str] = []  # the kernel's buffers, once packed
         self._bufs: "dict[str, torch.Tensor] | None" = None  # looked up once, not per call (decode runs ~200 per token)
         self._bound = None  # the kernel's per-layer call arguments (Kernel.bind), once packed
+        self.activations = "exact"  # activation mode (kernels.ACTIVATIONS): set_activations
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._shape = (self.out_features, self.in_features)
         self.run_stats = self.kernel.new_stats(self.scheme)  # kernel counters (LLM.int8() outliers, w8a8 clipping)
@@ -77,7 +78,26 @@ class QuantLinear(nn.Module):
                     del self._buffers[_ST + part]
             self._parts = []
         self._bufs = {n: getattr(self, n) for n in self._names}
-        self._bound = self.kernel.bind(self._bufs, self.scheme, self._shape)
+        self._bound = self.kernel.bind(self._bufs, self.scheme, self._shape, self.activations)
+
+    def set_activations(self, mode: str) -> bool:
+        """Run this layer with activation mode `mode` ("exact", "int8" or "int8-all", see
+        kernels.ACTIVATIONS); True when its kernel has that path for this layout (else the layer
+        stays exact and False comes back)."""
+        if mode not in ACTIVATIONS:
+            raise ValueError(f"activation mode {mode!r} is not one of {', '.join(ACTIVATIONS)}")
+        self.activations = mode
+        if self._bufs is None:
+            self.pack()  # binds with the new mode
+        else:
+            self._bound = self.kernel.bind(self._bufs, self.scheme, self._shape, mode)
+        return self.bound_activations == mode
+
+    @property
+    def bound_activations(self) -> str:
+        """The activation mode the layer runs: its `activations` where its kernel has the path for
+        this layout, else "exact"."""
+        return "exact" if self._bound is None else self.kernel.bound_activations(self._bound)
 
     def buffers_dict(self) -> dict[str, torch.Tensor]:
         """The kernel's buffers (packing first if the layer has not run yet)."""
@@ -89,7 +109,7 @@ class QuantLinear(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         if self._bufs is not None:
             self._bufs = {n: getattr(self, n) for n in self._names}
-            self._bound = self.kernel.bind(self._bufs, self.scheme, self._shape)
+            self._bound = self.kernel.bind(self._bufs, self.scheme, self._shape, self.activations)
         return out
 
     def quantized_weight(self) -> QuantizedWeight:
