@@ -134,3 +134,73 @@ def test_compiled_decode_without_a_compiler_says_what_to_install(tiny_llama, mon
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(QuantkitError, match="C\\+\\+ compiler"):
         decode_speed(tiny_llama, PROMPT, new_tokens=2, compile=True)
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("g++") or __import__("shutil").which("c++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decode_of_several_quantized_models_gives_each_its_own_tokens(tiny_llama):
+    """Quantized layers reach torch.compile's graph as tensors (the native kernels' handles are
+    inputs, not constants), so models of one architecture can share a compiled step: each must
+    still decode its own weights, as its eager loop does."""
+    import quantkit as qk
+    from quantkit.evaluate.speed import _greedy_compiled
+
+    models = [qk.quantize(tiny_llama, s, progress=False) for s in ("int4-g32", "int8", "nf4-dq")]
+    with torch.inference_mode():
+        outs = []
+        for m in models:
+            got, _ = _greedy_compiled(m, PROMPT, 7, cache_len=PROMPT.shape[1] + 10)
+            assert torch.equal(got, _naive_greedy(m, PROMPT, 8))
+            outs.append(got)
+        # and back to the first: its own tokens again
+        assert torch.equal(_greedy_compiled(models[0], PROMPT, 7, cache_len=PROMPT.shape[1] + 10)[0], outs[0])
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("g++") or __import__("shutil").which("c++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_a_step_that_does_not_compile_as_one_graph_decodes_eagerly_and_spoils_nothing(tiny_llama, caplog):
+    """LLM.int8()'s outlier count is data-dependent: its decode step cannot be one graph, so it
+    runs eagerly (said once), and a model compiled after it still gets its own full graph."""
+    import logging
+
+    import quantkit as qk
+
+    outl = qk.quantize(tiny_llama, "llm-int8", progress=False)
+    with caplog.at_level(logging.WARNING, logger="quantkit.evaluate.speed"):
+        r = decode_speed(outl, PROMPT, new_tokens=3, warmup=1, compile=True)
+    assert not r["compiled"] and "does not compile as one graph" in caplog.text
+    m = qk.quantize(tiny_llama, "int8", progress=False)
+    r = decode_speed(m, PROMPT, new_tokens=3, warmup=1, compile=True)
+    assert r["compiled"]
+    from quantkit.evaluate.speed import _greedy_compiled
+
+    with torch.inference_mode():
+        got, _ = _greedy_compiled(m, PROMPT, 7, cache_len=PROMPT.shape[1] + 10)
+    assert torch.equal(got, _naive_greedy(m, PROMPT, 8))
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("g++") or __import__("shutil").which("c++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_a_quantized_copy_of_a_compiled_model_decodes_its_own_weights(tiny_llama):
+    """qk.quantize deep-copies the model, the cached compiled step with it: the copy must build its
+    own step, not run the original model's (whose logits differ at 2 bits)."""
+    from transformers import StaticCache
+
+    import quantkit as qk
+    from quantkit.evaluate.speed import _greedy_compiled, compiled_step
+
+    def step_logits(m, step):
+        cache = StaticCache(config=m.config, max_cache_len=PROMPT.shape[1] + 4)
+        p = PROMPT.shape[1]
+        m(input_ids=PROMPT, past_key_values=cache, use_cache=True, cache_position=torch.arange(p))
+        return step(PROMPT[:, -1:], cache, torch.tensor([p]))[0, -1]
+
+    with torch.inference_mode():
+        _greedy_compiled(tiny_llama, PROMPT, 3, cache_len=PROMPT.shape[1] + 10)
+        q = qk.quantize(tiny_llama, "int2-g32", head="int8", progress=False)  # (a bf16 head would round logits)
+        got = step_logits(q, compiled_step(q))
+        want = step_logits(q, lambda t, c, pos: q(input_ids=t, past_key_values=c, use_cache=True, cache_position=pos,
+                                                   position_ids=pos[None]).logits)
+        fp32 = step_logits(tiny_llama, compiled_step(tiny_llama))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert float((fp32 - want).abs().max()) > 1e-2

@@ -53,7 +53,8 @@ def _guard(model, tok, schemes, head=None) -> "torch.Tensor":
 
 def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192, head=None, speed=True,
             prompt=DEFAULT_PROMPT, gen_tokens=32, report_dir=None, progress=True, command=None, calib=None,
-            calib_samples=128, calib_len=512, seed=0, transforms=(), allow_pickle=False, compile_speed=False) -> dict:
+            calib_samples=128, calib_len=512, seed=0, transforms=(), allow_pickle=False, compile_speed=False,
+            on_status=None) -> dict:
     """Run the main job for each scheme on `source`; returns {"rows", "generations", "meta"}.
 
     text: the evaluation text (a string) or None to score on text the fp32 model generates
@@ -99,7 +100,8 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
         if scheme.name == "fp32":  # the reference row: the float model after quantkit's save -> load
             check_float_model(model, m2, ids=probe, what="the fp32 row (quantized, saved and reloaded)")
         res = evaluate_model(m2, tok, text=text, reference=ref, windows=windows, speed=speed, compile_speed=compile_speed,
-                             size_bytes=size, progress=progress)
+                             size_bytes=size, progress=progress,
+                             on_status=None if on_status is None else (lambda line, s=scheme.name: on_status(f"{s}: {line}")))
         if m2.quantkit.errors:
             errors[scheme.name] = dict(m2.quantkit.errors)
         if layer and layer in m2.quantkit.layers:
@@ -127,7 +129,8 @@ def compare(source, schemes=DEFAULT_SCHEMES, text=None, ctx=512, max_tokens=8192
         "prompt": prompt, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "command": command or "",
-        "decode": ("compiled decode steps (torch.compile, StaticCache)" if compile_speed else "eager decode") if speed else "not timed",
+        "decode": ("compiled decode steps (torch.compile, StaticCache)" if any(r.get("decode_compiled") for r in rows)
+                   else "eager decode") if speed else "not timed",
     }
     result = {"rows": rows, "generations": gens, "meta": meta}
     if report_dir is not None:

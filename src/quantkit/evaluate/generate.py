@@ -81,7 +81,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
             if (eos is not None and int(tok) == eos) or i == max_new_tokens - 1:
                 break
             if compiled and i == 0 and on_status is not None and not getattr(model, "_quantkit_step_compiled", False):
-                on_status("compiling the decode step (once per model and shape; about a minute on 2 cores)...")
+                on_status("compiling the decode step (once per architecture and shape; about half a minute on 2 cores)...")
             ts = time.perf_counter()
             if compiled:
                 logits = step(tok, cache, torch.tensor([p + i], device=device))
@@ -98,6 +98,8 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 64,
         sync_device(device)
         rest = time.perf_counter() - t1
         emit(final=True)
+    if compiled and step is not None and step.eager_reason is not None:
+        compiled = False  # the step did not trace as one graph: it ran eagerly (logged)
     steps_after_first = max(len(out_ids) - 2, 0)
     return {"text": tokenizer.decode(out_ids, skip_special_tokens=True), "new_tokens": len(out_ids),
             "prompt_tokens": p, "prefill_seconds": prefill, "compile_seconds": first if compiled else 0.0,

@@ -58,10 +58,13 @@ def guard_reference(model, reference, tokenizer=None) -> None:
 
 
 def evaluate_model(model, tokenizer, text=None, reference=None, ctx=512, max_tokens=None, speed=False,
-                   windows=None, size_bytes=None, progress=True, guard=True, compile_speed=False) -> dict:
+                   windows=None, size_bytes=None, progress=True, guard=True, compile_speed=False,
+                   on_status=None) -> dict:
     """Perplexity, KLD/top-1 vs `reference` (a model or a ReferenceCache), sizes, speed.
-    `compile_speed`: time decode through a compiled step (decode_speed(compile=True); about 40 s
-    of untimed compiling per model on 2 cores) instead of the eager loop.
+    `compile_speed`: time decode through a compiled step (decode_speed(compile=True)) where a
+    C++ compiler exists, else eagerly with a warning; the untimed compile is reported as
+    `decode_compile_seconds` (about half a minute the first time on 2 cores, well under a second
+    for a later model of the same architecture). `on_status` gets a line before it compiles.
     `guard`: with a reference model, first check that quantkit holds it right (`guard_reference`)."""
     if guard:
         guard_reference(model, reference, tokenizer)
@@ -84,6 +87,19 @@ def evaluate_model(model, tokenizer, text=None, reference=None, ctx=512, max_tok
     res["memory_bytes"] = memory_bytes(model)
     if speed:
         ids = tokenizer(SPEED_PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
-        res["decode_tokens_per_s"] = decode_speed(model, ids, new_tokens=64, compile=compile_speed)["decode_tokens_per_s"]
-        res["decode_compiled"] = bool(compile_speed)
+        compiled = bool(compile_speed)
+        if compiled:
+            from .generate import can_compile
+
+            why = can_compile(model)
+            if why:
+                log.warning("timing decode eagerly: %s", why)
+                compiled = False
+            elif on_status is not None:
+                on_status("compiling the decode step (torch.compile; once per architecture, about half a minute)")
+        sp = decode_speed(model, ids, new_tokens=64, compile=compiled)
+        res["decode_tokens_per_s"] = sp["decode_tokens_per_s"]
+        res["decode_compiled"] = compiled and sp["compiled"]
+        if compiled:
+            res["decode_compile_seconds"] = sp["compile_seconds"]
     return res

@@ -70,22 +70,53 @@ def _greedy(model: nn.Module, prompt_ids: torch.Tensor, steps: int) -> tuple[tor
     return torch.cat(generated, dim=1)[0].cpu(), seconds
 
 
-def compiled_step(model: nn.Module):
-    """One decode step of `model` through torch.compile, cached on the model: with a
-    StaticCache every step has the same shapes, so one graph serves them all."""
-    step = getattr(model, "_quantkit_compiled_step", None)
-    if step is None:
+class _CompiledStep:
+    """One decode step of a model through torch.compile as a single graph (fullgraph=True), or
+    eagerly when the model cannot be traced as one (`eager_reason` says why; logged once).
+
+    Every model's step is the same Python function to dynamo, so a graph is shared by models of
+    one architecture and layer kinds (quantkit's layers reach it as tensors). Partial graphs
+    would be shared too and mislead later models into graph-broken runs: hence one graph or none."""
+
+    def __init__(self, model: nn.Module):
         def eager(tok, cache, pos):
             return model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos,
                          position_ids=pos[None]).logits
 
-        # every model's step is the same Python function to dynamo: one compiled graph per model
-        # counts against the function's recompile limit (8 by default), past which dynamo would
-        # silently run later models eagerly
+        # each model's graph counts against the step function's recompile limit (8 by default),
+        # past which dynamo would silently run later models eagerly
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-        step = torch.compile(eager, dynamic=False)
+        self._eager = eager
+        self.owner = id(model)  # a deep copy of the model (qk.quantize makes one) must not run this one
+        self._step = torch.compile(eager, dynamic=False, fullgraph=True)
+        self.eager_reason: str | None = None
+        self._traced = False
+
+    def __call__(self, tok, cache, pos):
+        if self.eager_reason is not None:
+            return self._eager(tok, cache, pos)
+        if self._traced:
+            return self._step(tok, cache, pos)
+        try:  # the first call traces and compiles
+            out = self._step(tok, cache, pos)
+        except Exception as e:  # a graph break, data-dependent control flow: this model decodes eagerly
+            # (a genuine error in the model raises again from the eager call below)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            self.eager_reason = f"the decode step does not compile as one graph ({type(e).__name__}: {first})"
+            log.warning("decoding eagerly: %s", self.eager_reason)
+            return self._eager(tok, cache, pos)
+        self._traced = True
+        return out
+
+
+def compiled_step(model: nn.Module) -> _CompiledStep:
+    """The model's decode step through torch.compile (see _CompiledStep), cached on the model:
+    with a StaticCache every step has the same shapes, so one graph serves them all."""
+    step = getattr(model, "_quantkit_compiled_step", None)
+    if step is None or step.owner != id(model):  # none yet, or copied along with the model it was built for
+        step = _CompiledStep(model)
         object.__setattr__(model, "_quantkit_compiled_step", step)  # not a submodule
     return step
 
@@ -138,7 +169,10 @@ def decode_speed(
 
     ``compile=True``: a transformers StaticCache and decode steps through ``torch.compile``
     (inductor; needs a C++ compiler on CPU). The warm-up (at least one step) compiles, untimed,
-    which on a small CPU takes on the order of a minute per model; the graph is kept on the model.
+    reported as ``"compile_seconds"`` (warm-up steps included): about half a minute on 2 cores
+    the first time, well under a second for a later model of the same architecture and layer
+    kinds (quantkit's layers reach the graph as tensors, so it is reused). ``"compiled"`` is
+    False where the step does not trace as one graph and ran eagerly (logged once).
     """
     _check_ids(prompt_ids, batch_one=True)
     if new_tokens < 1 or repeats < 1 or warmup < 0:
@@ -156,11 +190,17 @@ def decode_speed(
             warmup = max(warmup, 1)
         else:
             run = lambda steps: _greedy(model, prompt_ids, steps)  # noqa: E731
+        t0 = time.perf_counter()
         if warmup:
             run(warmup)
+        first = time.perf_counter() - t0
         best = min(run(new_tokens)[1] for _ in range(repeats))
     best = max(best, 1e-9)
-    return {"decode_tokens_per_s": new_tokens / best, "new_tokens": new_tokens, "seconds": best}
+    out = {"decode_tokens_per_s": new_tokens / best, "new_tokens": new_tokens, "seconds": best}
+    if compile:  # the untimed warm-up compiles (a graph already built for this architecture is reused)
+        out["compile_seconds"] = first
+        out["compiled"] = compiled_step(model).eager_reason is None
+    return out
 
 
 def prefill_speed(model: nn.Module, ids: torch.Tensor, warmup: int = 1, repeats: int = 3,

@@ -283,7 +283,7 @@ class NativeKernel(Kernel):
             a8_rows = MAX_FUSED_ROWS if act == "int8" else 2**62
         handle = int(torch.ops.quantkit.wonly_bind(*args, native.wonly_isa(), native.wonly_a8_isa() if a8_rows else 0,
                                                    MAX_FUSED_ROWS, a8_rows))
-        return (handle, args[7], args[8], a8_rows, _Handle(handle))
+        return (torch.tensor([handle], dtype=torch.int64), args[7], args[8], a8_rows, _Handle(handle))
 
     @staticmethod
     def bound_activations(bound):

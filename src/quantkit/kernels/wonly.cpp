@@ -309,7 +309,10 @@ void wonly_unbind(int64_t handle) {
   if (handle >= 0 && handle < (int64_t)bound_layers.size()) bound_layers[handle].reset();
 }
 
-at::Tensor wonly_run(const at::Tensor& x, int64_t handle, int64_t N) {
+at::Tensor wonly_run(const at::Tensor& x, const at::Tensor& handle_t, int64_t N) {
+  TORCH_CHECK(handle_t.scalar_type() == at::kLong && handle_t.numel() == 1 && handle_t.device().is_cpu(),
+              "handle must be an int64 CPU tensor of one element");
+  const int64_t handle = *handle_t.data_ptr<int64_t>();
   std::shared_ptr<const Bound> b;
   {
     std::lock_guard<std::mutex> g(bound_mu);
@@ -351,7 +354,7 @@ TORCH_LIBRARY_FRAGMENT(quantkit, m) {
         "Tensor? bias, int N, int K, int group, int decode, float zconst, float smul, int isa, int r0, int r1) -> Tensor");
   m.def("wonly_linear_a8(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? scale2, Tensor? offset, "
         "Tensor? lut, Tensor? bias, int N, int K, int group, int decode, float zconst, float smul, int isa) -> Tensor");
-  m.def("wonly_run(Tensor x, int handle, int N) -> Tensor");
+  m.def("wonly_run(Tensor x, Tensor handle, int N) -> Tensor");
   m.def("wonly_bind(Tensor codes, Tensor scale, Tensor? zero, Tensor? scale2, Tensor? offset, Tensor? lut, "
         "Tensor? bias, int N, int K, int group, int decode, float zconst, float smul, int isa, int isa_a8, "
         "int max_rows, int a8_rows) -> int", &wonly_bind);
