@@ -20,7 +20,7 @@ overhead, paid by every model alike, goes away, and what remains is the matmuls.
 --prefill also times a 1 x 512 prompt to its first token (logits of the last position only),
 best of 3, after the decode rounds.
 
-Rows ending in ", int8 act" run quantkit's int8-activation option (quantkit.set_activations:
+Rows ending in "+ int8 act" run quantkit's int8-activation option (quantkit.set_activations:
 each layer's input quantized per block to int8 at decode, integer multiply; prefill-sized calls
 stay exact). Its cost is in the same table: perplexity and KLD vs fp32 on the first --quality
 windows of 512 tokens, computed after the timing, the int8-activation rows through that path on
@@ -63,7 +63,7 @@ VARIANTS = [  # (label, scheme, head, SmoothQuant); a label ending in A8 runs wi
     ("w8a8-dynamic", "w8a8-dynamic", None, None),
     ("w8a8-static-minmax-o32 + SmoothQuant auto", "w8a8-static-minmax-o32", None, "auto"),
 ]
-A8 = ", int8 act"  # the int8-activation option of the native kernels (quantkit.set_activations)
+A8 = " + int8 act"  # the int8-activation option of the native kernels (quantkit.set_activations)
 VARIANTS += [(label + A8, scheme, head, None) for label, scheme, head, _ in VARIANTS
              if label in ("int8 (head int8)", "int4-g128 (head int8)", "int4-g32", "nf4-dq (head int8)", "gguf-q4_0")]
 PROMPT = "The history of the city begins"
