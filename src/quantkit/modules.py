@@ -96,9 +96,10 @@ def set_activations(model: nn.Module, mode: str = "int8") -> tuple[int, int]:
     layers = {id(m): m for m in model.modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise QuantkitError("the model has no quantized layers: set_activations applies to a quantized model")
-    done = sum(m.set_activations(mode) for m in layers.values())
+    ran = {i: m.set_activations(mode) for i, m in layers.items()}
+    done = sum(ran.values())
     if done < len(layers):
-        kept = Counter(f"{m.scheme.name} ({m.kernel.name})" for m in layers.values() if not m.set_activations(mode))
+        kept = Counter(f"{m.scheme.name} ({m.kernel.name})" for i, m in layers.items() if not ran[i])
         log.info("activations %s: %d of %d layers; exact: %s", mode, done, len(layers),
                  ", ".join(f"{k} x {n}" for k, n in kept.most_common()))
     return done, len(layers)

@@ -143,8 +143,6 @@ class Kernel:
             return dequantize_rows(qw.tensors["qweight"][ids], scheme.fp_format)
         return qw.dequantize()[ids]
 
-    activations: tuple[str, ...] = ("exact",)  # activation modes `bind` accepts (see ACTIVATIONS)
-
     @staticmethod
     def bind(buffers: dict[str, torch.Tensor], scheme: Scheme, shape, act: str = "exact") -> object | None:
         """What `run` needs, worked out once per layer (after packing, and after a move to another

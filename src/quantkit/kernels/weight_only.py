@@ -260,8 +260,6 @@ class NativeKernel(Kernel):
         out = torch.ops.quantkit.wonly_dequant(*args, native.wonly_isa(), 0, r)
         return out.reshape(*ids.shape, shape[1])
 
-    activations = ("exact", "int8")
-
     @staticmethod
     def int8_activations_ok(args: tuple) -> bool:
         """Whether a layer's layout has the int8-activation path: integer codes or a 16-level

@@ -112,28 +112,21 @@ bool has_vnni() {
          __builtin_cpu_supports("avx512vnni");
 }
 
-// the int8-activation op's paths: 1 = AVX2 (vpmaddubsw), 2 = AVX-512 VNNI (vpdpbusd)
-int pick_isa_a8(int64_t isa) {
+// isa 1 = AVX2+FMA+F16C, 2 = `wide` (AVX-512 for the exact ops, AVX-512 VNNI for int8 activations),
+// 0 = the best this CPU has
+int pick(int64_t isa, bool (*has_wide)(), const char* wide) {
   if (isa == 0) {
-    if (has_vnni()) return 2;
+    if (has_wide()) return 2;
     TORCH_CHECK(has_avx2(), "quantkit native kernels need an x86-64 CPU with AVX2 and FMA");
     return 1;
   }
-  TORCH_CHECK(isa == 1 || isa == 2, "isa must be 0 (auto), 1 (avx2) or 2 (avx512 vnni), got ", isa);
-  TORCH_CHECK(isa == 1 ? has_avx2() : has_vnni(), "this CPU has no ", isa == 1 ? "AVX2+FMA" : "AVX-512 VNNI");
+  TORCH_CHECK(isa == 1 || isa == 2, "isa must be 0 (auto), 1 (avx2) or 2 (", wide, "), got ", isa);
+  TORCH_CHECK(isa == 1 ? has_avx2() : has_wide(), "this CPU has no ", isa == 1 ? "AVX2+FMA" : wide);
   return (int)isa;
 }
 
-int pick_isa(int64_t isa) {
-  if (isa == 0) {
-    if (has_avx512()) return 2;
-    TORCH_CHECK(has_avx2(), "quantkit native kernels need an x86-64 CPU with AVX2 and FMA");
-    return 1;
-  }
-  TORCH_CHECK(isa == 1 || isa == 2, "isa must be 0 (auto), 1 (avx2) or 2 (avx512), got ", isa);
-  TORCH_CHECK(isa == 1 ? has_avx2() : has_avx512(), "this CPU has no ", isa == 1 ? "AVX2+FMA" : "AVX-512 (F/BW/VL/DQ)");
-  return (int)isa;
-}
+int pick_isa(int64_t isa) { return pick(isa, has_avx512, "AVX-512 (F/BW/VL/DQ)"); }
+int pick_isa_a8(int64_t isa) { return pick(isa, has_vnni, "AVX-512 VNNI"); }
 
 Args make_args(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                const c10::optional<at::Tensor>& scale2, const c10::optional<at::Tensor>& offset,
