@@ -27,7 +27,7 @@ from .config import QuantConfig
 from .errors import QuantkitError
 from .formats.integer import top_channels
 from .memory import trim_heap
-from .modules import linear_weight
+from .modules import linear_weight, split_experts
 from .scheme import Scheme
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,24 @@ def _groups(block: nn.Module, fam, sequential: bool) -> list[list[str]]:
     return groups if sequential else [[n for g in groups for n in g]]
 
 
+def min_hessian_rows(in_features: int) -> int:
+    """Fewest input rows (tokens) a layer's Hessian needs for GPTQ to be worth running: below
+    this (an expert the router rarely picks) the layer is quantized with RTN instead."""
+    return max(32, in_features // 16)
+
+
+def _results(cols: dict) -> dict:
+    """The statistics of one layer's collectors, and "rows": the input rows its Hessian saw.
+    A Hessian of too few rows (`min_hessian_rows`) is left out: the pipeline then uses RTN."""
+    h = cols.get("hessian")
+    out = {"rows": h.n} if h is not None else {}
+    for k, c in cols.items():
+        if k == "hessian" and (h.n == 0 or h.n < min_hessian_rows(h.in_features)):
+            continue
+        out[k] = c.result()
+    return out
+
+
 class _BlockContext:
     """What a block transform sees of the block being calibrated (algorithms.base.TransformContext)."""
 
@@ -170,6 +188,9 @@ def block_statistics(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qu
     """
     fam = family_of(model)
     blocks = blocks_of(model, fam)
+    if cfg.sequential and not fam.groups:
+        log.warning("no sequential group order is known for %s models: each block's layers are calibrated together",
+                    getattr(model.config, "model_type", "these"))
     calib = calib.to(torch.long)
     inputs = capture_block_inputs(model, blocks[0], calib, batch_size)
     bar = tqdm(range(len(blocks)), desc=f"{cfg.method.name} {cfg.scheme.name} blocks", unit="block", disable=not progress)
@@ -178,6 +199,7 @@ def block_statistics(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qu
         prefix = f"{fam.blocks}.{bi}."
         if loader is not None:
             loader.load_into(block, prefix)
+        split_experts(block)  # fused experts (loaded now, when streamed) become a layer each
         for transform in cfg.transforms:
             transform.apply(block, _BlockContext(block, prefix, fam, inputs, plans))
         for group in _groups(block, fam, cfg.sequential):
@@ -187,7 +209,7 @@ def block_statistics(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qu
             cols = {rel: _collectors(sc, m, outl.get(rel)) for rel, sc, m in todo}
             _observe(block, inputs, _share_hessians(cols, fam))
             for rel, _, _ in todo:
-                stats = {k: c.result() for k, c in cols.pop(rel).items()}  # popped: freed once used
+                stats = _results(cols.pop(rel))  # popped: freed once used
                 yield prefix + rel, stats
                 del stats  # this layer's Hessian goes now, not with the group's last layer
             del cols

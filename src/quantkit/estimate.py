@@ -34,7 +34,7 @@ from torch import nn
 from .memory import rss_bytes
 from .algorithms import method_of
 from .config import QuantConfig
-from .modules import head_modules, head_scheme, iter_targets, linear_weight, set_module
+from .modules import head_modules, head_scheme, iter_targets, layer_module, linear_weight, set_module
 from .pipeline import QuantInfo, needs_calibration, quantize_calibrated, swap_quantized, validate_config
 from .scheme import parse_scheme
 
@@ -80,7 +80,7 @@ def _probe_layers(model, targets, cfg) -> tuple[float, int]:
         times, sizes = [], []
         for name in ([picks[0]] if warm else []) + picks:
             holder = nn.Module()
-            holder.layer = model.get_submodule(name)
+            holder.layer = layer_module(model, name)
             t0 = time.perf_counter()
             swap_quantized(holder, "layer", holder.layer, scheme, method, {}, QuantInfo(cfg))
             if warm:
@@ -131,7 +131,7 @@ def estimate_quantize(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | 
             p.detach().sum()
     loaded = rss_bytes(peak=False)
     targets = _targets(model, cfg)
-    weights = {n: linear_weight(model.get_submodule(n)) for n, _, _, _ in targets}
+    weights = {n: linear_weight(layer_module(model, n)) for n, _, _, _ in targets}
     emb_name, out_name, tied = head_modules(model)
     head_w = [model.get_submodule(n).weight for n in {emb_name, out_name} - {None}
               if getattr(model.get_submodule(n), "weight", None) is not None]

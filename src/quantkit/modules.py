@@ -17,12 +17,13 @@ from torch import nn
 
 from .errors import QuantkitError, SchemeError
 from .nn import QuantEmbedding, QuantLinear
+from .nn.experts import ExpertLinears
 from .nn.weights import linear_weight
 from .scheme import Scheme, parse_scheme
 
 log = logging.getLogger(__name__)
 
-__all__ = ["linear_weight", "set_module", "set_activations", "head_modules", "tied_embeddings", "quantized_summary", "check_float", "head_storage",
+__all__ = ["linear_weight", "set_module", "layer_module", "fused_experts", "split_experts", "fused_parameters", "set_activations", "head_modules", "tied_embeddings", "quantized_summary", "check_float", "head_storage",
            "head_scheme", "check_rules", "quantizable_layers", "Target", "iter_targets", "resolve_layer",
            "tensor_key", "unique_tensors", "fallbacks", "HEAD_STORAGES"]
 
@@ -164,12 +165,90 @@ def check_rules(cfg, layers: list[str], emb_name: str | None, out_name: str | No
                           f"{_name_summary(layers + heads)} (a bare name such as down_proj names every layer ending in it)")
 
 
+def _fused(mod: nn.Module) -> list[str]:
+    """Names of `mod`'s own 3-D parameters that hold one weight per expert ([E, ., .] with E
+    its `num_experts`): transformers' fused experts (Mixtral, Qwen3-MoE, gpt-oss, DeepSeek)."""
+    e = getattr(mod, "num_experts", None)
+    if not isinstance(e, int) or isinstance(mod, ExpertLinears):
+        return []
+    return [n for n, p in mod.named_parameters(recurse=False) if p.dim() == 3 and p.shape[0] == e]
+
+
+def fused_experts(model: nn.Module) -> list[tuple[str, nn.Module, list[str], bool]]:
+    """(module name, module, fused parameter names, transposed) of every experts module whose
+    experts are still fused 3-D parameters. `transposed` is the layout transformers' experts
+    decorator declares ([E, in, out], multiplied as x @ W[e]); a module that declares none is
+    refused: quantizing a weight read the wrong way round would be silently wrong."""
+    return [(name, mod, params, _transposed(name, mod, params))
+            for name, mod in model.named_modules() if (params := _fused(mod))]
+
+
+def _transposed(name: str, mod: nn.Module, params: list[str]) -> bool:
+    if not hasattr(mod, "is_transposed"):
+        raise SchemeError(f"{name} ({type(mod).__name__}) stores its experts as 3-D tensors "
+                          f"({', '.join(params)}) without declaring their layout (transformers' "
+                          "use_experts_implementation); quantkit cannot quantize this mixture-of-experts yet")
+    return bool(mod.is_transposed)
+
+
+def _expert_shape(p: torch.Tensor, transposed: bool) -> tuple[int, int]:
+    return (int(p.shape[2]), int(p.shape[1])) if transposed else (int(p.shape[1]), int(p.shape[2]))
+
+
+def split_experts(model: nn.Module) -> int:
+    """Replace every fused expert parameter by an `ExpertLinears` (one layer per expert, on views
+    of the fused tensor: no copy), so that experts are quantized, calibrated and saved as layers
+    named `<experts>.<param>.<e>`; the experts then run through the family's eager forward (the
+    grouped implementations read the fused tensor whole). Returns the parameters split."""
+    done = 0
+    for name, mod, params, transposed in fused_experts(model):
+        for p in params:
+            w = getattr(mod, p)
+            delattr(mod, p)
+            setattr(mod, p, ExpertLinears.split(w.detach(), transposed))
+            done += 1
+        cfg = getattr(mod, "config", None)
+        if cfg is not None and getattr(cfg, "_experts_implementation", "eager") not in (None, "eager"):
+            cfg._experts_implementation = "eager"
+    return done
+
+
+def fused_parameters(model: nn.Module) -> set[str]:
+    """State-dict names of the fused expert parameters not yet split (`<experts>.gate_up_proj`)."""
+    return {f"{n}.{p}" for n, _, params, _ in fused_experts(model) for p in params}
+
+
+def layer_module(model: nn.Module, name: str) -> nn.Module:
+    """The module of a layer `quantizable_layers` names: the submodule itself, or for an expert
+    of a parameter still fused (`<experts>.<param>.<e>`) an nn.Linear on a view of its slice
+    (nothing is copied and `model` is left as it is)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        owner, _, rest = name.rpartition(".")
+        parent, _, param = owner.rpartition(".")
+        mod = model.get_submodule(parent)
+        if param not in _fused(mod) or not rest.isdigit():
+            raise
+        w = getattr(mod, param).detach()
+        return ExpertLinears.split(w[int(rest):int(rest) + 1], _transposed(parent, mod, [param])).layer(0)
+
+
 def quantizable_layers(model: nn.Module) -> list[tuple[str, tuple[int, int]]]:
     """(name, [out, in]) of every Linear / Conv1D the pipeline quantizes (the output head is the
-    head's, see `head_storage`). Names and shapes only: streamed blocks' weights must be freeable."""
+    head's, see `head_storage`), and of every expert of a fused experts parameter
+    (`<experts>.<param>.<e>`, as `split_experts` names them). Names and shapes only: streamed
+    blocks' weights must be freeable."""
     _, out_name, _ = head_modules(model)
-    return [(n, tuple(linear_weight(m).shape)) for n, m in model.named_modules()
-            if linear_weight(m) is not None and n != out_name]
+    layers = []
+    for n, m in model.named_modules():
+        if linear_weight(m) is not None and n != out_name:
+            layers.append((n, tuple(linear_weight(m).shape)))
+        params = _fused(m)
+        for p in params:
+            w, transposed = getattr(m, p), _transposed(n, m, params)
+            layers += [(f"{n}.{p}.{e}", _expert_shape(w, transposed)) for e in range(w.shape[0])]
+    return layers
 
 
 class Target(NamedTuple):

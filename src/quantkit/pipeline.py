@@ -18,13 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms import method_of
-from .calibrate import block_statistics
+from .calibrate import block_statistics, min_hessian_rows
 from .config import QuantConfig
 from .errors import SchemeError
 from .formats import QuantizedWeight, quantize
 from .formats.integer import with_act_range
 from .memory import file_backed, release_file_pages
-from .modules import fallbacks, head_modules, head_scheme, head_storage, iter_targets, linear_weight, set_module, tied_embeddings
+from .modules import (fallbacks, head_modules, head_scheme, head_storage, iter_targets, linear_weight, set_module,
+                      split_experts, tied_embeddings)
 from .nn import QuantEmbedding, QuantLinear
 from .scheme import PER_TENSOR, Scheme, parse_scheme
 
@@ -85,6 +86,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, pr
         raise SchemeError("this model has no Linear layers to quantize")
     if not inplace and loader is None:
         model = copy.deepcopy(model)
+    if loader is None:
+        split_experts(model)  # fused experts become a layer each (streamed blocks split as they load)
     info = QuantInfo(cfg)
     emb_name, out_name, tied = head_modules(model)
     record_fallbacks(info, targets)
@@ -120,9 +123,19 @@ def quantize_calibrated(model: nn.Module, plans: dict, calib: torch.Tensor, cfg:
     for name, stats in block_statistics(model, plans, calib, cfg, batch_size=batch_size, progress=progress,
                                         loader=loader):
         scheme, method = plans[name]
+        if "hessian" in method.needs and "hessian" not in stats:  # an expert too few tokens were routed to
+            key = f"{method.name} -> rtn (fewer than {min_hessian_rows(model.get_submodule(name).in_features)} " \
+                  "calibration tokens reached the layer)"
+            info.fallbacks[key] = info.fallbacks.get(key, 0) + 1
+            log.info("%s: %d calibration tokens reached it; quantized with rtn instead of %s",
+                     name, stats.get("rows", 0), method.name)
+            method = method_of("rtn")
         swap_quantized(model, name, model.get_submodule(name), scheme, method, stats, info)
         done.add(name)
         del stats
+    for key, count in info.fallbacks.items():
+        if " -> rtn (" in key:
+            log.warning("%d layers: %s", count, key)
     return done
 
 

@@ -35,7 +35,7 @@ from .arch import blocks_of, family_of
 from .errors import QuantkitError, SchemeError
 from .formats import quantize, storage_bytes
 from .nn import QuantLinear
-from .modules import head_modules, head_scheme, linear_weight, set_module
+from .modules import fused_parameters, head_modules, head_scheme, linear_weight, set_module
 from .pipeline import QuantInfo, quantize_head
 from .config import QuantConfig, Rule, make_config
 from .scheme import Scheme, parse_scheme
@@ -178,6 +178,15 @@ def _measure_head(model, ids, batch_size, ref, options) -> dict[str, float]:
     return out
 
 
+def _refuse_experts(model: nn.Module) -> None:
+    """Sensitivities are measured per Linear; a model with fused experts would get a plan that
+    leaves its experts (most of its weights) out, so it is refused."""
+    fused = sorted(fused_parameters(model))
+    if fused:
+        raise SchemeError(f"planning does not measure mixture-of-experts weights yet ({fused[0]} and "
+                          f"{len(fused) - 1} more); quantize this model with one scheme (--scheme)")
+
+
 def measure_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_size: int = 4,
                         progress: bool = True, head: bool = True) -> Sensitivity:
     """Damage of quantizing each Linear alone with each scheme (see the module docstring); with
@@ -185,6 +194,7 @@ def measure_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_si
     schemes = [parse_scheme(s) for s in (schemes.split(",") if isinstance(schemes, str) else schemes)]
     if not schemes:
         raise SchemeError("give at least one candidate scheme")
+    _refuse_experts(model)
     fam = family_of(model)
     blocks = blocks_of(model, fam)
     ids = calib.to(torch.long)
@@ -509,6 +519,7 @@ def proxy_sensitivity(model: nn.Module, calib: torch.Tensor, schemes, batch_size
     from .algorithms.hessian import HessianAccumulator
 
     schemes = [parse_scheme(s) for s in (schemes.split(",") if isinstance(schemes, str) else schemes)]
+    _refuse_experts(model)
     fam = family_of(model)
     blocks = blocks_of(model, fam)
     names = [(f"{fam.blocks}.{b}.{n}", m) for b, blk in enumerate(blocks) for n, m in blk.named_modules()

@@ -208,14 +208,23 @@ def test_siblings_share_one_hessian_and_give_the_same_bytes(tmp_path, monkeypatc
     assert seen[p + "mlp.gate_proj"] is seen[p + "mlp.up_proj"] is not seen[p + "mlp.down_proj"]
 
 
-def test_unknown_family_names_the_known_ones():
-    from transformers import BertConfig, BertForMaskedLM
+def test_blocks_are_found_in_families_without_hints():
+    """A family quantkit has no hints for (BERT) calibrates on the stack of blocks found in it;
+    an encoder-decoder's two stacks are refused by name (calibration walks one)."""
+    from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
 
-    model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=64, vocab_size=100)).eval()
-    with pytest.raises(SourceError, match="llama.*gpt2|gpt2.*llama"):
-        qk.quantize(model, "int4-g32", method="gptq", calib=torch.randint(0, 100, (2, 8)), progress=False)
-    qk.quantize(model, "int4-g32", progress=False)  # data-free methods need no family knowledge
+    import quantkit.arch as arch
+
+    bert = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=100)).eval()
+    assert "bert" not in arch.FAMILIES and arch.family_of(bert).blocks == "bert.encoder.layer"
+    q = qk.quantize(bert, "int4-g32", method="gptq", calib=torch.randint(0, 100, (8, 16)), progress=False)
+    assert q.quantkit.methods["bert.encoder.layer.1.output.dense"] == "gptq"
+    assert all(fam.blocks == "" for fam in arch.FAMILIES.values())  # hints never list blocks: they are found
+    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=100))
+    with pytest.raises(SourceError, match="encoder.block.*decoder.block|decoder.block.*encoder.block"):
+        qk.quantize(t5, "int4-g32", method="gptq", calib=torch.randint(0, 100, (2, 8)), progress=False)
+    qk.quantize(t5, "int4-g32", progress=False)  # data-free methods need no blocks
 
 
 def test_gptq_without_calibration_or_tokenizer_is_refused():

@@ -27,12 +27,13 @@ __all__ = ["GROUPS", "WEIGHT_SUFFIXES", "disk_bytes", "memory_bytes", "module_br
 
 #: Roles reported by :func:`module_breakdown`, in the order storage is attributed
 #: (the head comes last so a tied head finds its storage already counted by the embeddings).
-GROUPS = ("embeddings", "attention", "mlp", "norms", "other", "head")
+GROUPS = ("embeddings", "attention", "experts", "mlp", "norms", "other", "head")
 
 #: Files counted by :func:`disk_bytes` in a folder.
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
 
 _ATTENTION = re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|qkv|query|key|value")
+_EXPERTS = re.compile(r"(^|\.)experts(\.|$)")  # a mixture-of-experts' experts (fused or one layer each)
 _MLP = re.compile(r"mlp|ffn|feed_forward|fc|gate|up_proj|down_proj|dense|w1|w2|w3|expert")
 _BLOCK_INDEX = re.compile(r"(^|\.)\d+(\.|$)")  # a ModuleList index: "layers.3.", "h.0."
 
@@ -145,6 +146,8 @@ def _role(mname: str, module: nn.Module, head: nn.Module | None, embeddings: set
         return "head"
     if "Norm" in type(module).__name__:
         return "norms"
+    if _EXPERTS.search(mname.lower()) and (_is_linear(module) or any(p.dim() == 3 for p in module.parameters(recurse=False))):
+        return "experts"
     if _is_linear(module):
         lowered = mname.lower()
         if _ATTENTION.search(lowered):
@@ -158,7 +161,9 @@ def module_breakdown(model: nn.Module) -> dict[str, dict]:
     """Parameters and bytes grouped by role, from module types and names only (no per-model code).
 
     Roles (:data:`GROUPS`): ``embeddings`` (nn.Embedding), ``head`` (``get_output_embeddings()``),
-    ``attention`` (linear layers named like attn/q_proj/query/c_attn/...), ``mlp`` (other linear
+    ``attention`` (linear layers named like attn/q_proj/query/c_attn/...), ``experts`` (a
+    mixture-of-experts' experts: a module named ``experts`` holding fused 3-D weights, or the
+    layers inside it once quantized, one per expert), ``mlp`` (other linear
     layers in the blocks: mlp/ffn/fc/gate/up/down/dense/...), ``norms`` (class name contains
     "Norm"), ``other`` (everything else, e.g. rotary tables). Linear layers are nn.Linear, any
     class named ``*Linear*`` (quantized layers) and GPT-2's ``Conv1D``. A quantized embedding

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import QuantkitError, SourceError
 from ..formats import QuantizedWeight
 from ..nn import QuantEmbedding, QuantLinear
-from ..modules import head_modules, head_scheme, head_storage, iter_targets, linear_weight, set_module, tied_embeddings
+from ..modules import fused_parameters, layer_module, split_experts, head_modules, head_scheme, head_storage, iter_targets, linear_weight, set_module, tied_embeddings
 from ..pipeline import QuantInfo
 from ..config import QuantConfig
 from ..scheme import parse_scheme
@@ -182,10 +182,13 @@ def expected_weights_bytes(model: nn.Module, cfg: QuantConfig) -> int:
     specs: dict[str, tuple] = {}
     emb_name, out_name, tied = head_modules(model)
     replaced = set()
+    fused = fused_parameters(model)  # stored a layer per expert, as quantize splits them
     for name, shape, scheme, _, _ in iter_targets(model, cfg):  # the layers and schemes quantize resolves
+        mod = layer_module(model, name)
         if scheme is None:
+            if name.rpartition(".")[0] in fused:  # an expert kept in float: its own weight
+                specs[f"{name}.weight"] = (mod.weight.dtype, shape)
             continue
-        mod = model.get_submodule(name)
         replaced.add(name)
         for part, sp in stored_spec(meta_quantize(shape, scheme)).items():
             specs[f"{name}.{part}"] = sp
@@ -206,7 +209,7 @@ def expected_weights_bytes(model: nn.Module, cfg: QuantConfig) -> int:
                 specs[f"{mname}.bias"] = (m.bias.dtype, tuple(m.bias.shape))
     seen = set()
     for key, t in model.state_dict().items():
-        if key.rpartition(".")[0] in replaced:
+        if key.rpartition(".")[0] in replaced or key in fused:
             continue
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if ptr in seen:
@@ -317,6 +320,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
             model = (cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config")
                      else cls._from_config(config, dtype=dtype))
         model.tie_weights()  # (outside init_empty_weights, which would re-register a fresh tensor) tied tables are one
+        split_experts(model)  # fused experts are stored a layer each, as quantize split them
     except SourceError:
         raise
     except Exception as e:

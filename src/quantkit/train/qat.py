@@ -18,7 +18,7 @@ from torch import nn
 from ..algorithms import RecordedMethod
 from ..config import make_config
 from ..errors import SchemeError
-from ..modules import head_modules, iter_targets, set_module
+from ..modules import head_modules, iter_targets, set_module, split_experts
 from ..nn import FakeQuantLinear, QuantLinear
 from ..pipeline import QuantInfo, quantize_head, relative_error
 from ..scheme import Scheme, parse_scheme
@@ -37,6 +37,7 @@ def prepare_qat(model: nn.Module, scheme: "str | Scheme", lsq: bool = False, inp
     sc = parse_scheme(scheme)
     if not inplace:
         model = copy.deepcopy(model)
+    split_experts(model)
     targets = iter_targets(model, make_config(sc, head="keep", strict_groups=strict_groups))
     if not targets:
         raise SchemeError("this model has no Linear layers to train with quantization")
