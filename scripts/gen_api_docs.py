@@ -35,7 +35,8 @@ MODULES = (
     ("quantkit.io.checkpoint", "quantkit's safetensors checkpoint layout"),
     ("quantkit.io.gguf", "GGUF export for llama.cpp"),
     ("quantkit.io.export_hf", "GPTQ and compressed-tensors checkpoint export"),
-    ("quantkit.io.hf", "transformers integration: `QuantkitConfig`"),
+    ("quantkit.io.hf", "transformers integration: quantize on load, save_pretrained / from_pretrained"),
+    ("quantkit.io.hf_config", "`QuantkitConfig`, and the seed users' bitsandbytes / GPTQ configs translated key for key"),
     ("quantkit.evaluate", "quality, speed and size measurements"),
     ("quantkit.evaluate.run", "`evaluate_model`, behind `quantkit.evaluate`"),
     ("quantkit.observers", "activation range observers for static w8a8"),
@@ -46,6 +47,7 @@ MODULES = (
 REGISTRIES = {"quantkit.formats": ("FORMATS",), "quantkit.algorithms": ("METHODS", "TRANSFORMS")}
 # names a module exports lazily through __getattr__ (documented where they are defined)
 LAZY = {"quantkit": ("QuantkitConfig", "QuantkitHfQuantizer")}
+LAZY_HOME = {"QuantkitConfig": "quantkit.io.hf_config", "QuantkitHfQuantizer": "quantkit.io.hf"}  # where each is defined
 
 _ADDR = re.compile(r" at 0x[0-9a-fA-F]+")
 _CONST_TYPES = (str, int, float, bool, tuple, frozenset)
@@ -313,7 +315,7 @@ def render() -> tuple[str, list[str]]:
         lazy = LAZY.get(name, ())
         if lazy:
             w.add("Also importable from here (loaded on first use, which registers quantkit with "
-                  "transformers): " + ", ".join(f"[`{n}`](#{anchor('quantkit.io.hf', n)})" for n in lazy) + ".", "")
+                  "transformers): " + ", ".join(f"[`{n}`](#{anchor(LAZY_HOME[n], n)})" for n in lazy) + ".", "")
         if names:
             w.add("| name | summary |", "|---|---|")
             for n in names:

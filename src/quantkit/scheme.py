@@ -6,7 +6,8 @@ One grammar is used everywhere (CLI, API, saved configs)::
     int{2..8}[-g{N}|-tensor][-sym|-asym]     no -g = per output channel; -g-1 = per channel
     nf4[-b{N}][-dq]   fp4[-b{N}][-dq]        block size N (default 64), -dq = double quant
     fp8-e4m3 | fp8-e5m2                      per output channel scale
-    llm-int8                                 int8 per channel + fp16 outlier columns at run time
+    llm-int8[-t{X}]                          int8 per channel + float outlier input columns at run
+                                             time: those with |x| > X (default 6.0, the paper's)
     gguf-{q8_0|q4_0|q4_1|q5_0|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_nl}
                                              a GGML block type, stored as the GGUF file stores it
     w8a8-dynamic                             int8 weights per channel, int8 activations per token
@@ -39,7 +40,7 @@ PER_TENSOR = 0
 
 GRAMMAR = (
     "fp32, bf16, fp16, int{2..8}[-g{32|64|128|256|1024}|-tensor][-sym|-asym], "
-    "nf4[-b{N}][-dq], fp4[-b{N}][-dq], fp8-e4m3, fp8-e5m2, llm-int8, "
+    "nf4[-b{N}][-dq], fp4[-b{N}][-dq], fp8-e4m3, fp8-e5m2, llm-int8[-t{X}], "
     "gguf-{q8_0|q4_0|q4_1|q5_0|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_nl}, "
     "w8a8-dynamic, w8a8-static[-{minmax|ema|entropy|mse|percentile}][-asym][-o{N}]"
 )
@@ -71,6 +72,7 @@ class Scheme:
     observer: str = ""  # static: the observer that chooses the activation range (observers.py)
     act_symmetric: bool = True  # static: symmetric int8 or affine (uint8 + zero point) activations
     act_outliers: int = 0  # static: input channels kept in float (those with the largest calibrated range)
+    threshold: float = 6.0  # llm-int8: input columns with |x| above it run in float (the paper's 6.0)
 
     @property
     def name(self) -> str:
@@ -85,7 +87,7 @@ class Scheme:
         if self.kind == "fp8":
             return f"fp8-{self.fp_format}"
         if self.kind == "llm-int8":
-            return "llm-int8"
+            return "llm-int8" if self.threshold == 6.0 else f"llm-int8-t{self.threshold:g}"
         if self.kind == "ggml":
             return f"gguf-{self.fp_format.lower()}"
         if self.kind in ("nf4", "fp4"):
@@ -179,6 +181,18 @@ def gguf_scheme(type_name: str) -> Scheme:
     return Scheme(kind="ggml", bits=bits, symmetric=sym, group_size=block, fp_format=t)
 
 
+def _threshold(t: str, text) -> float:
+    """The outlier threshold X of llm-int8-tX: a positive number (bitsandbytes' llm_int8_threshold)."""
+    try:
+        v = float(t)
+    except ValueError:
+        v = float("nan")
+    if not (0 < v < float("inf")):
+        raise SchemeError(f"invalid scheme {text!r}: llm-int8-t{{X}} takes a positive outlier threshold X "
+                          "(e.g. llm-int8-t4.5; plain llm-int8 is the paper's 6.0)")
+    return v
+
+
 def parse_scheme(text: "str | Scheme") -> Scheme:
     """Parse a scheme string (see module docstring). Raises SchemeError listing the grammar."""
     if isinstance(text, Scheme):
@@ -188,8 +202,9 @@ def parse_scheme(text: "str | Scheme") -> Scheme:
         return Scheme(kind="float", bits={"fp32": 32, "bf16": 16, "fp16": 16}[s], fp_format=s)
     if s in ("fp8-e4m3", "fp8-e5m2"):
         return Scheme(kind="fp8", bits=8, symmetric=True, group_size=PER_CHANNEL, fp_format=s[4:])
-    if s == "llm-int8":
-        return Scheme(kind="llm-int8", bits=8, symmetric=True, group_size=PER_CHANNEL)
+    if s == "llm-int8" or s.startswith("llm-int8-t"):
+        return Scheme(kind="llm-int8", bits=8, symmetric=True, group_size=PER_CHANNEL,
+                      threshold=_threshold(s[len("llm-int8-t"):], text) if s != "llm-int8" else 6.0)
     if s.startswith("gguf-"):
         return gguf_scheme(s[5:])
     if s.startswith("w8a8"):

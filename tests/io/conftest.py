@@ -6,23 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_tokenizer import make_tiny_tokenizer  # noqa: F401  (tests import it from here too)
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)
-
-
-def make_tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in-process on a few sentences (no network)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"])
-    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
 
 
 @pytest.fixture(scope="session")

@@ -44,8 +44,58 @@ def test_packing_is_lsb_first_by_hand():
         assert torch.equal(unpack_int32(pack_int32(c, 2, dim), 2, dim), c)
 
 
+def _autogptq_3bit(col):
+    """AutoGPTQ's 3-bit packer for one column of 32 codes, as its loop writes the 3 words: ten
+    codes, one split over the word boundary, ten more, another split, ten more."""
+    w = [0, 0, 0]
+    i = 0
+    for j in range(10):
+        w[0] |= col[i + j] << (3 * j)
+    i += 10
+    w[0] |= (col[i] << 30) & 0xFFFFFFFF
+    w[1] |= (col[i] >> 2) & 1
+    i += 1
+    for j in range(10):
+        w[1] |= col[i + j] << (3 * j + 1)
+    i += 10
+    w[1] |= (col[i] << 31) & 0xFFFFFFFF
+    w[2] |= (col[i] >> 1) & 3
+    i += 1
+    for j in range(10):
+        w[2] |= col[i + j] << (3 * j + 2)
+    return [v - 2**32 if v >= 2**31 else v for v in w]
+
+
+def test_3bit_packing_is_autogptqs():
+    c = torch.randint(0, 8, (64, 5), generator=torch.Generator().manual_seed(0))  # [in, out], packed along in
+    words = pack_int32(c, 3, dim=0)
+    assert words.shape == (6, 5)
+    for o in range(5):
+        for blk in range(2):
+            assert words[3 * blk:3 * blk + 3, o].tolist() == _autogptq_3bit(c[32 * blk:32 * blk + 32, o].tolist())
+    c = torch.randint(0, 8, (64, 96), generator=torch.Generator().manual_seed(1))
+    for dim in (0, 1):
+        assert torch.equal(unpack_int32(pack_int32(c, 3, dim), 3, dim), c)
+    with pytest.raises(SchemeError, match="multiple of 32"):
+        pack_int32(torch.zeros(1, 48, dtype=torch.int64), 3, dim=1)
+
+
+def test_gptq_config_states_what_was_run(tiny, tmp_path):
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    runs = [(dict(method="rtn"), False, False),
+            (dict(method=qk.GPTQ(act_order=True), calib=calib, sequential=True), True, True),
+            (dict(method=qk.GPTQ(act_order=False), calib=calib), False, False)]
+    for i, (kw, desc_act, sequential) in enumerate(runs):
+        qm = qk.quantize(tiny, "int4-g32-sym", progress=False, **kw)
+        export_hf(qm, None, tmp_path / str(i), "gptq")
+        for cfg in (json.loads((tmp_path / str(i) / "config.json").read_text())["quantization_config"],
+                    json.loads((tmp_path / str(i) / "quantize_config.json").read_text())):
+            assert (cfg["desc_act"], cfg["true_sequential"], cfg["sym"]) == (desc_act, sequential, True)
+
+
 @pytest.mark.parametrize("fmt,scheme", [("gptq", "int4-g32-sym"), ("gptq", "int4-g32-asym"), ("gptq", "int8-sym"),
-                                        ("gptq", "int2-g32-asym"), ("compressed-tensors", "int4-g32-sym"),
+                                        ("gptq", "int2-g32-asym"), ("gptq", "int3-g32-sym"), ("gptq", "int3-g64-asym"),
+                                        ("compressed-tensors", "int4-g32-sym"),
                                         ("compressed-tensors", "int4-g64-asym"), ("compressed-tensors", "int8-sym")])
 def test_stored_tensors_dequantize_to_quantkits_weights(tiny, tmp_path, fmt, scheme):
     qm = qk.quantize(tiny, scheme, progress=False)
@@ -65,7 +115,7 @@ def test_stored_tensors_dequantize_to_quantkits_weights(tiny, tmp_path, fmt, sch
     assert "lm_head.weight" not in t and s.layers == 14
     if fmt == "gptq":
         assert cfg == {"bits": sc.bits, "group_size": sc.group_size if sc.group_size > 0 else -1, "desc_act": False,
-                       "sym": sc.symmetric, "true_sequential": True, "checkpoint_format": "gptq", "quant_method": "gptq"}
+                       "sym": sc.symmetric, "true_sequential": False, "checkpoint_format": "gptq", "quant_method": "gptq"}  # rtn
         assert json.loads((tmp_path / "out" / "quantize_config.json").read_text())["bits"] == sc.bits
     else:
         w = cfg["config_groups"]["group_0"]["weights"]

@@ -106,12 +106,16 @@ def test_modules_to_not_convert_that_names_nothing_is_refused(float_dir):
     assert "'dense_4h'" in str(e.value) and "model.layers.*.mlp.down_proj (2)" in str(e.value)
 
 
-def test_bitsandbytes_style_shortcuts():
-    assert qk.QuantkitConfig(load_in_4bit=True).scheme == "nf4-b64-dq"
-    assert qk.QuantkitConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False).scheme == "fp4-b64"
-    c = qk.QuantkitConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    assert c.compute_dtype == "bfloat16"
+def test_bitsandbytes_keys_mean_what_bitsandbytes_means():
+    """bnb's defaults, on purpose: load_in_4bit alone is fp4 without double quantization, and the
+    embeddings/head stay in the compute dtype (head "keep")."""
+    c = qk.QuantkitConfig(load_in_4bit=True)
+    assert (c.scheme, c.head) == ("fp4-b64", "keep")
+    assert qk.QuantkitConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True).scheme == "nf4-b64-dq"
+    c = qk.QuantkitConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)
+    assert c.compute_dtype == "float16"
     assert qk.QuantkitConfig(load_in_8bit=True).scheme == "llm-int8"
+    assert qk.QuantkitConfig(load_in_8bit=True, llm_int8_threshold=4.0).scheme == "llm-int8-t4"
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -120,7 +124,10 @@ def test_bitsandbytes_style_shortcuts():
     (dict(scheme="w8a8-static-mse"), "calibration"),
     (dict(), "needs a scheme"),
     (dict(load_in_4bit=True, load_in_8bit=True), "one of"),
-    (dict(load_in_8bit=True, llm_int8_threshold=4.0), "6.0"),
+    (dict(load_in_8bit=True, llm_int8_threshold=0.0), "positive outlier threshold"),
+    (dict(load_in_8bit=True, llm_int8_has_fp16_weight=True), "llm_int8_has_fp16_weight"),
+    (dict(load_in_4bit=True, bnb_4bit_quant_type="int4"), "nf4 or fp4"),
+    (dict(load_in_4bit=True, bnb_4bit_quant_storage="int4"), "bnb_4bit_quant_storage"),
     (dict(scheme="int4", compute_dtype="int8"), "compute_dtype"),
     (dict(scheme="int4", bogus=1), "unknown arguments"),
 ])

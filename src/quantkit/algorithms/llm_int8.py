@@ -2,7 +2,7 @@
 at Scale", arXiv:2208.07339).
 
 Weights: vector-wise (per output row) absmax int8. The method's other half runs at inference
-time: input columns with an outlier (|x| > threshold, 6.0 by default) go through a float
+time: input columns with an outlier (|x| > threshold: 6.0 by default, llm-int8-tX) go through a float
 matmul, the rest through an int8 x int8 matmul (see kernels.cpu.LLMInt8Kernel).
 """
 from dataclasses import dataclass
@@ -24,4 +24,4 @@ class LLMInt8(Method):
     summary = "int8 vector-wise weights + fp outlier columns at run time"
 
     def quantize(self, w, scheme, stats=None):
-        return quantize(w, SCHEME)
+        return quantize(w, scheme if scheme.kind == "llm-int8" else SCHEME)  # its threshold runs with it

@@ -1,7 +1,7 @@
 """Checkpoints the serving engines read: the GPTQ layout and compressed-tensors' pack-quantized.
 
 Both are written from a quantkit-quantized model whose Linears share one integer weight-only
-scheme (2/4/8 bits for GPTQ, 4/8 for compressed-tensors; one group size that divides every
+scheme (2/3/4/8 bits for GPTQ, 4/8 for compressed-tensors; one group size that divides every
 layer's input width, or per channel). The integer codes, scales and zero points are the very
 ones quantkit stored, repacked, so the peer dequantizes to exactly quantkit's weights; the
 embedding table and head are written dequantized (float), as those loaders expect.
@@ -10,7 +10,9 @@ GPTQ ("gptq" checkpoint format, i.e. v1; what transformers + optimum + gptqmodel
   qweight int32 [in*b/32, out]  unsigned codes u packed along the input dim, LSB first
   qzeros  int32 [in/g, out*b/32] (zero - 1) packed along the output dim, LSB first (v1 stores zero-1)
   scales  fp16  [in/g, out];  g_idx int32 [in] = i // g;  W[o, i] = scales[g_idx[i], o] * (u - zero)
-  symmetric schemes: u = q + 2^(b-1), zero = 2^(b-1).  config: bits, group_size, desc_act=false, sym,
+  3-bit codes straddle words (32 values in 3 words, as AutoGPTQ packs them).
+  symmetric schemes: u = q + 2^(b-1), zero = 2^(b-1).  config: bits, group_size, sym, and desc_act /
+  true_sequential as the run had them (act order, sequential groups of a GPTQ run),
   checkpoint_format "gptq"; quantize_config.json beside config.json for GPTQ tools.
 compressed-tensors, format "pack-quantized" (what vLLM serves, transformers loads):
   weight_packed int32 [out, in*b/32]  u = q_signed + 2^(b-1) packed along the input dim, LSB first
@@ -38,29 +40,51 @@ from ..scheme import Scheme, parse_scheme
 from .atomic import atomic_dir
 
 
+def _chunk(bits: int) -> int:
+    """Values per whole number of 32-bit words: 32/bits when bits divides 32, else 32 (3-bit:
+    32 values in 3 words, as AutoGPTQ packs them)."""
+    return 32 // bits if 32 % bits == 0 else 32
+
+
 def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Pack unsigned codes (< 2^bits) into int32 words along `dim` (0 or 1), LSB first:
-    element k of a word sits at bits [k*bits, (k+1)*bits)."""
-    per = 32 // bits
+    """Pack unsigned codes (< 2^bits) into int32 words along `dim` (0 or 1) as one LSB-first bit
+    stream: value k sits at bits [k*bits, (k+1)*bits) of the stream, word j holding bits
+    [32j, 32j+32); a value may straddle two words (3-bit, as AutoGPTQ's packer lays them)."""
+    per = _chunk(bits)
     c = codes.to(torch.int64)
     if dim == 0:
         c = c.t()
     rows, n = c.shape
     if n % per:
-        raise SchemeError(f"{n} values do not fill whole 32-bit words of {per} x {bits}-bit codes")
-    words = (c.reshape(rows, n // per, per) << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)
+        raise SchemeError(f"{n} values do not fill whole 32-bit words of {bits}-bit codes (a multiple of {per})")
+    c = c.reshape(rows, n // per, per)
+    words = torch.zeros(rows, n // per, per * bits // 32, dtype=torch.int64)
+    for k in range(per):
+        w, off = divmod(k * bits, 32)
+        words[:, :, w] |= (c[:, :, k] << off) & 0xFFFFFFFF
+        if off + bits > 32:
+            words[:, :, w + 1] |= c[:, :, k] >> (32 - off)
+    words = words.reshape(rows, -1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words.t().contiguous() if dim == 0 else words.contiguous()
 
 
 def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of pack_int32 (for tests and checks)."""
-    per = 32 // bits
+    per = _chunk(bits)
     w = words.to(torch.int64) & 0xFFFFFFFF
     if dim == 0:
         w = w.t()
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    out = ((w.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(w.shape[0], -1)
+    rows = w.shape[0]
+    w = w.reshape(rows, -1, per * bits // 32)
+    out = torch.empty(rows, w.shape[1], per, dtype=torch.int64)
+    for k in range(per):
+        i, off = divmod(k * bits, 32)
+        v = w[:, :, i] >> off
+        if off + bits > 32:
+            v = v | (w[:, :, i + 1] << (32 - off))
+        out[:, :, k] = v & (2**bits - 1)
+    out = out.reshape(rows, -1)
     return out.t().contiguous() if dim == 0 else out
 
 
@@ -89,8 +113,8 @@ class Exporter:
     bits: tuple[int, ...]
     folder_suffix: Callable[[Scheme, int], str]
     tensors: Callable[[str, Codes, Scheme, tuple[int, int], torch.dtype], dict]
-    config: Callable[[Scheme, int, list[str]], dict]
-    extra_files: Callable[[Scheme, int], dict] = field(default=lambda s, g: {})
+    config: Callable[[Scheme, int, list[str], object], dict]  # (scheme, group, ignore, the run's QuantConfig)
+    extra_files: Callable[[Scheme, int, object], dict] = field(default=lambda s, g, run: {})
 
 
 def _gptq_tensors(name, c: Codes, scheme, shape, dtype):
@@ -103,9 +127,14 @@ def _gptq_tensors(name, c: Codes, scheme, shape, dtype):
             f"{name}.g_idx": (torch.arange(inn) // c.g).to(torch.int32)}
 
 
-def _gptq_fields(scheme, g, ignore):
-    return {"bits": scheme.bits, "group_size": g, "desc_act": False, "sym": scheme.symmetric, "true_sequential": True,
-            "checkpoint_format": "gptq", "quant_method": "gptq"}
+def _gptq_fields(scheme, g, ignore, run=None):
+    """GPTQ's quantization_config; desc_act and true_sequential say what was run (`run`: the
+    model's QuantConfig): act order and sequential groups of a GPTQ run, false otherwise. The
+    groups are stored in column order either way (g_idx = i // g), so any loader reads them."""
+    m = getattr(run, "method", None)
+    gptq = getattr(m, "name", None) == "gptq"
+    return {"bits": scheme.bits, "group_size": g, "desc_act": bool(gptq and m.act_order), "sym": scheme.symmetric,
+            "true_sequential": bool(gptq and run.sequential), "checkpoint_format": "gptq", "quant_method": "gptq"}
 
 
 def _ct_tensors(name, c: Codes, scheme, shape, dtype):
@@ -118,7 +147,7 @@ def _ct_tensors(name, c: Codes, scheme, shape, dtype):
     return d
 
 
-def _ct_config(scheme, g, ignore):
+def _ct_config(scheme, g, ignore, run=None):
     weights = {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric, "dynamic": False,
                "strategy": "channel" if g <= 0 else "group", "group_size": None if g <= 0 else g, "actorder": None}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
@@ -128,10 +157,10 @@ def _ct_config(scheme, g, ignore):
 
 
 EXPORTERS: dict[str, Exporter] = {
-    "gptq": Exporter("gptq", (2, 4, 8), lambda s, g: f"GPTQ-{s.bits}bit-{g if g > 0 else 'channel'}{'g' if g > 0 else ''}",
-                     _gptq_tensors, lambda s, g, ig: _gptq_fields(s, g, ig),
-                     lambda s, g: {"quantize_config.json": {k: v for k, v in _gptq_fields(s, g, []).items()
-                                                            if k != "quant_method"}}),
+    "gptq": Exporter("gptq", (2, 3, 4, 8), lambda s, g: f"GPTQ-{s.bits}bit-{g if g > 0 else 'channel'}{'g' if g > 0 else ''}",
+                     _gptq_tensors, _gptq_fields,
+                     lambda s, g, run: {"quantize_config.json": {k: v for k, v in _gptq_fields(s, g, [], run).items()
+                                                                 if k != "quant_method"}}),
     "compressed-tensors": Exporter("compressed-tensors", (4, 8),
                                    lambda s, g: f"quantized.w{s.bits}a16" + (f"-g{g}" if g > 0 else ""),
                                    _ct_tensors, _ct_config),
@@ -251,7 +280,7 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, fmt: str, card: 
         tensors[key] = t.detach().contiguous().clone()
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["quantization_config"] = ex.config(scheme, g, [out_name] if out_name else [])
+    config["quantization_config"] = ex.config(scheme, g, [out_name] if out_name else [], info.config)
     config["dtype"] = str(float_dtype).replace("torch.", "")
     config["tie_word_embeddings"] = bool(tied)
     out_dir = Path(out_dir)
@@ -259,7 +288,7 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, fmt: str, card: 
         tmp = Path(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        for fname, content in ex.extra_files(scheme, g).items():
+        for fname, content in ex.extra_files(scheme, g, info.config).items():
             (tmp / fname).write_text(json.dumps(content, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

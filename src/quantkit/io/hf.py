@@ -28,116 +28,17 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import SchemeError
 from ..memory import release_file_pages, trim_heap
-from ..modules import head_modules, iter_targets, linear_weight, set_module
-from ..pipeline import QuantInfo, needs_calibration, quantize_head, record_fallbacks, swap_quantized, validate_config
-from ..config import QuantConfig, Rule, make_config
+from ..modules import fused_parameters, head_modules, iter_targets, linear_weight, quantizable_layers, set_module, split_experts
+from ..pipeline import QuantInfo, needs_calibration, quantize_head, quantize_model, record_fallbacks, swap_quantized
 from ..scheme import parse_scheme
+from .hf_config import QUANT_METHOD, QuantkitConfig, as_dtype
 from .checkpoint import (LAYOUT_VERSION, METADATA, meta_quantize, stored_spec, checkpoint_tensors, install_quantized,
                          quant_info, quantization_config)
 
 log = logging.getLogger(__name__)
-QUANT_METHOD = "quantkit"
-_SAVED_KEYS = ("format_version", "config", "layers", "methods", "fallbacks", "errors")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def _dtype(d) -> torch.dtype | None:
-    if d is None or isinstance(d, torch.dtype):
-        return d
-    try:
-        return _DTYPES[str(d).replace("torch.", "")]
-    except KeyError:
-        raise SchemeError(f"compute_dtype {d!r}: use float32, bfloat16 or float16") from None
-
-
-class QuantkitConfig(QuantizationConfigMixin):
-    """quantkit as a transformers `quantization_config`.
-
-    scheme: any weight scheme of the grammar (`quantkit.GRAMMAR`), e.g. "int4-g128", "nf4-dq",
-    "int8", "llm-int8"; method: "rtn" or "llm-int8" (data-free: GPTQ needs calibration data,
-    use `qk.quantize`); head: embeddings/output head storage (bf16 default, "int8", "keep", ...);
-    compute_dtype: dtype the unquantized parameters and activations use (default: the
-    checkpoint's); modules_to_not_convert: Linears left in float, named as for bitsandbytes: a bare
-    name ("down_proj", "mlp.down_proj") names every layer ending in it, a parent ("model.layers.0")
-    the layers inside it, and fnmatch patterns ("*.mlp.*") work too (`scheme.Rule`); "lm_head"
-    keeps the output head (and the embedding table it is stored with) in its original precision.
-    A name that matches no module is refused, listing the model's layers.
-
-    bitsandbytes-style shortcuts: `load_in_4bit=True` (with `bnb_4bit_quant_type` "nf4"/"fp4",
-    `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`, `bnb_4bit_blocksize` 64) means
-    scheme "nf4-b64-dq"; `load_in_8bit=True` means "llm-int8" (LLM.int8(), threshold 6.0).
-    A config read back from a saved checkpoint carries what was done (layers, schemes, errors).
-    """
-
-    def __init__(self, scheme: str | None = None, method: str = "rtn", head=None, compute_dtype=None,
-                 modules_to_not_convert=None, load_in_4bit: bool = False, load_in_8bit: bool = False,
-                 bnb_4bit_quant_type: str = "nf4", bnb_4bit_use_double_quant: bool = True,
-                 bnb_4bit_compute_dtype=None, bnb_4bit_blocksize: int = 64, llm_int8_threshold: float = 6.0,
-                 quant_method: str = QUANT_METHOD, **saved):
-        self.quant_method = QUANT_METHOD
-        unknown = set(saved) - set(_SAVED_KEYS)
-        if unknown:
-            raise SchemeError(f"QuantkitConfig got unknown arguments {sorted(unknown)}; see help(QuantkitConfig)")
-        self.saved = {k: saved[k] for k in _SAVED_KEYS if k in saved} or None
-        if self.saved is not None:  # read back from a checkpoint: what was done, per layer
-            self.saved["head"] = head if isinstance(head, dict) else {}
-            self.compute_dtype = compute_dtype
-            return
-        if load_in_4bit and load_in_8bit:
-            raise SchemeError("choose one of load_in_4bit and load_in_8bit")
-        if load_in_4bit or load_in_8bit:
-            if scheme is not None:
-                raise SchemeError("give either scheme= or load_in_4bit/load_in_8bit, not both")
-            if load_in_8bit and llm_int8_threshold != 6.0:
-                raise SchemeError("quantkit's LLM.int8() uses the paper's outlier threshold 6.0; drop llm_int8_threshold")
-            if load_in_4bit and bnb_4bit_quant_type not in ("nf4", "fp4"):
-                raise SchemeError(f"bnb_4bit_quant_type must be nf4 or fp4, not {bnb_4bit_quant_type!r}")
-            scheme = ("llm-int8" if load_in_8bit else
-                      f"{bnb_4bit_quant_type}-b{bnb_4bit_blocksize}" + ("-dq" if bnb_4bit_use_double_quant else ""))
-            compute_dtype = compute_dtype or bnb_4bit_compute_dtype
-        if scheme is None:
-            raise SchemeError("QuantkitConfig needs a scheme (e.g. scheme='int4-g128' or 'nf4-dq') or load_in_4bit=True")
-        self.scheme = parse_scheme(scheme).name
-        self.method = method
-        self.head = head
-        self.compute_dtype = None if compute_dtype is None else str(_dtype(compute_dtype)).replace("torch.", "")
-        self.modules_to_not_convert = list(modules_to_not_convert or [])
-        self.quant_config()  # refuse bad schemes, heads and methods now, not in the middle of loading
-
-    def quant_config(self) -> QuantConfig:
-        """The QuantConfig this asks for (rules keep `modules_to_not_convert` in float)."""
-        if self.saved is not None:
-            return QuantConfig.from_dict(self.saved["config"])
-        method = "llm-int8" if self.scheme == "llm-int8" and self.method == "rtn" else self.method
-        rules = tuple(Rule(p, None, method) for p in self.modules_to_not_convert)
-        cfg = make_config(self.scheme, method, self.head, rules)
-        validate_config(cfg)
-        if needs_calibration(cfg):
-            raise SchemeError(f"{self.scheme} with {method} needs calibration data, which quantize-on-load does not "
-                              "have; load the float model and call qk.quantize(model, ..., calib=TEXT)")
-        return cfg
-
-    def record(self, saved: dict) -> None:
-        """After quantizing: keep what was done, so save_pretrained writes quantkit's config."""
-        self.saved = {k: saved[k] for k in _SAVED_KEYS if k in saved}
-        self.saved["head"] = saved.get("head", {})
-
-    def to_dict(self) -> dict:
-        if self.saved is not None:
-            d = {"quant_method": QUANT_METHOD, **self.saved}
-            if self.compute_dtype is not None:
-                d["compute_dtype"] = self.compute_dtype
-            return d
-        return {"quant_method": QUANT_METHOD, "scheme": self.scheme, "method": self.method, "head": self.head,
-                "compute_dtype": self.compute_dtype, "modules_to_not_convert": self.modules_to_not_convert}
-
-    def to_diff_dict(self) -> dict:
-        return self.to_dict()
 
 
 class _Stored(nn.Module):
@@ -192,26 +93,31 @@ class QuantkitHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.cfg = quantization_config.quant_config()
         self.info = quant_info(quantization_config.to_dict()) if self.pre_quantized else QuantInfo(self.cfg)
+        # calibrated methods (gptq) see the whole float model: it is loaded first, then quantized
+        self.calibrated = not self.pre_quantized and needs_calibration(self.cfg)
         self.targets: dict[str, tuple] = {}
         # kernel buffers of the layers quantized on load: transformers re-allocates every
         # non-persistent buffer (empty) after reading the checkpoint; they are put back after loading
         self.packed: dict[str, dict[str, torch.Tensor]] = {}
 
     def update_dtype(self, dtype):
-        cd = _dtype(self.quantization_config.compute_dtype)
+        cd = as_dtype(self.quantization_config.compute_dtype)
         return cd if cd is not None else dtype
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        """A Linear's weight is quantized as it is read; fused experts (read whole, often merged
+        from per-expert tensors by transformers' conversions) after loading, expert by expert."""
         name, _, tensor = param_name.rpartition(".")
-        return not self.pre_quantized and tensor == "weight" and name in self.targets
+        return not self.pre_quantized and not self.calibrated and tensor == "weight" and name in self.targets
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         emb_name, out_name, _ = head_modules(model)
         if self.pre_quantized:
             self._install_placeholders(model)
             return model
-        layers = [(n, tuple(mod.weight.shape)) for n, mod in model.named_modules()
-                  if isinstance(mod, nn.Linear) and n != out_name]
+        fused = fused_parameters(model)
+        layers = [(n, sh) for n, sh in quantizable_layers(model)
+                  if n.rpartition(".")[0] in fused or isinstance(model.get_submodule(n), nn.Linear)]
         resolved = iter_targets(model, self.cfg, layers)  # every layer and rule checked before any weight is read
         record_fallbacks(self.info, resolved)
         self.targets = {n: (scheme, method) for n, _, scheme, method, _ in resolved if scheme is not None}
@@ -221,6 +127,7 @@ class QuantkitHfQuantizer(HfQuantizer):
 
     def _install_placeholders(self, model) -> None:
         info = self.info
+        split_experts(model)  # experts are stored a layer each
         for name, scheme in info.layers.items():
             mod = model.get_submodule(name)
             set_module(model, name, _Stored(parse_scheme(scheme), tuple(linear_weight(mod).shape),
@@ -250,8 +157,12 @@ class QuantkitHfQuantizer(HfQuantizer):
                     for k, t in list(mod.named_buffers(recurse=False)) + list(mod.named_parameters(recurse=False)):
                         stored[f"{name}.{k}"] = t
             install_quantized(model, self.info, set(stored), stored.__getitem__, dtype)
+        elif self.calibrated:
+            model.eval()  # calibration runs the model: no dropout
+            self.info = quantize_model(model, self.cfg, inplace=True, calib=self._calibration(model)).quantkit
         else:
-            missing = [n for n in self.targets if n not in self.info.layers]
+            fused = fused_parameters(model)
+            missing = [n for n in self.targets if n not in self.info.layers and n.rpartition(".")[0] not in fused]
             if missing:
                 raise SchemeError(f"{len(missing)} layers were not in the checkpoint (e.g. {missing[0]})")
             for name, bufs in self.packed.items():
@@ -259,6 +170,7 @@ class QuantkitHfQuantizer(HfQuantizer):
                 for k, t in bufs.items():
                     setattr(mod, k, t)
             self.packed.clear()
+            self._quantize_experts(model)
             floats = [linear_weight(m) if linear_weight(m) is not None else m.weight
                       for m in (model.get_submodule(n) for n in {emb_name, out_name} - {None})]
             quantize_head(model, self.cfg, self.info, emb_name, out_name, tied)
@@ -267,9 +179,43 @@ class QuantkitHfQuantizer(HfQuantizer):
             del floats
             trim_heap()
         model.quantkit = self.info
+        # saved in quantkit's layout, under the names the modules have now: transformers must not
+        # turn them back into a legacy checkpoint's (per-expert w1/w2/w3 tensors, merged on load)
+        model._weight_conversions = []
         self.quantization_config.record(quantization_config(model))
         model.eval()
         return model
+
+    def _calibration(self, model) -> torch.Tensor:
+        """Calibration token ids from the config's dataset (a text file's calibration part, see
+        data.calibration, or a list of texts), tokenized by its tokenizer or the model's own."""
+        from transformers import AutoTokenizer
+
+        from ..data import calib_samples, calibration
+
+        qc = self.quantization_config
+        tok = qc.tokenizer
+        if tok is None or isinstance(tok, str):
+            tok = AutoTokenizer.from_pretrained(tok or model.config._name_or_path)
+        if isinstance(qc.dataset, str):
+            return calibration(tok, qc.dataset, n=qc.calib_samples, length=qc.calib_len)
+        return calib_samples(tok, "\n\n".join(qc.dataset), qc.calib_samples, qc.calib_len)
+
+    def _quantize_experts(self, model) -> None:
+        """Quantize the fused experts, now loaded, one expert at a time (pipeline.swap_quantized,
+        as qk.quantize does), then let their float pages go."""
+        fused = fused_parameters(model)
+        if not fused:
+            return
+        floats = [getattr(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]).detach() for n in fused]
+        split_experts(model)
+        for name, (scheme, method) in self.targets.items():
+            if name.rpartition(".")[0] in fused:
+                swap_quantized(model, name, model.get_submodule(name), scheme, method, {}, self.info)
+        for w in floats:
+            release_file_pages(w)
+        del floats
+        trim_heap()
 
     def get_state_dict_and_metadata(self, model):
         return checkpoint_tensors(model), dict(METADATA)

@@ -446,7 +446,8 @@ class Int4Kernel(Kernel):
 class LLMInt8Kernel(Kernel):
     """LLM.int8() (Dettmers et al. 2022, arXiv:2208.07339) mixed-precision decomposition.
 
-    Input columns whose magnitude exceeds `threshold` anywhere in the batch go through a
+    Input columns whose magnitude exceeds the scheme's threshold (6.0, the paper's and
+    bitsandbytes' default; llm-int8-tX sets it) anywhere in the batch go through a
     float matmul with the matching (dequantized) weight columns; the rest are quantized per
     row (vector-wise absmax int8) and multiplied with the int8 weights in int32.
     """
@@ -473,7 +474,7 @@ class LLMInt8Kernel(Kernel):
 
     @staticmethod
     def matmul(x, buffers, scheme, shape, threshold=None, stats=None):
-        threshold = LLMInt8Kernel.threshold if threshold is None else threshold
+        threshold = scheme.threshold if threshold is None else threshold
         x2 = _flat(x).float()
         q, sw = buffers["q"], buffers["scale"]
         outl = x2.abs().amax(0) > threshold  # [K] outlier input columns
