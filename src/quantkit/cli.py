@@ -396,7 +396,9 @@ def cmd_compare(a, schemes=None, model=None):
         return
     print_table(result["rows"], title=f"{result['meta']['model']} — {result['meta']['tokens']} tokens, ctx {a.ctx}, "
                                       f"text: {result['meta']['text']}")
-    print(f"\nprompt: {result['meta']['prompt']!r}")
+    print(f"\nmeasure: {result['meta']['measure']}")
+    if result["meta"]["prompt"] is not None:
+        print(f"prompt: {result['meta']['prompt']!r}")
     for name, g in result["generations"].items():
         print(f"  [{name}] {g!r}")
     if a.report:

@@ -132,15 +132,24 @@ COLUMNS: tuple[Column, ...] = (
     Column("speed-up", _relative("decode_tokens_per_s", percent=False), "{:.2f}×", better="higher"),
 )
 
+#: The compare table of an encoder (evaluate/hidden.py: no perplexity, no decode).
+ENCODER_COLUMNS: tuple[Column, ...] = COLUMNS[:4] + (
+    Column("embedding cos", _key("embedding_cosine"), "{:.5f}", better="higher"),
+    Column("min cos", _key("embedding_cosine_min"), "{:.5f}", better="higher"),
+    Column("hidden NMSE", _key("hidden_nmse"), "{:.3g}", better="lower"),
+)
+
 #: Shown after "scheme" when any row names the library that made it (peer comparisons).
 LIBRARY = Column("library", lambda row, base: row.get("library"), numeric=False)
 
 
 def table_columns(rows: list[dict]) -> tuple[Column, ...]:
-    """COLUMNS, with a "library" column after "scheme" when any row has a ``library``."""
+    """COLUMNS (ENCODER_COLUMNS for rows measured on hidden states), with a "library" column
+    after "scheme" when any row has a ``library``."""
+    cols = ENCODER_COLUMNS if any("embedding_cosine" in row for row in rows) else COLUMNS
     if any(row.get("library") not in (None, "") for row in rows):
-        return (COLUMNS[0], LIBRARY, *COLUMNS[1:])
-    return COLUMNS
+        return (cols[0], LIBRARY, *cols[1:])
+    return cols
 
 
 def table_cells(rows: list[dict]) -> list[list[str]]:
@@ -323,7 +332,7 @@ def plot_weight_histogram(
 
 
 def plot_size_vs_perplexity(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
-    """Size (MB) against perplexity — or KL divergence when more rows have that — one annotated
+    """Size (MB) against perplexity — or KL divergence (encoders: hidden NMSE) when more rows have that — one annotated
     point per scheme, with the Pareto front (smaller and better) dashed. Rows without both values
     are left out; the x axis is memory MB when no row has a size on disk."""
     size_key = "size_bytes" if any(_number(r.get("size_bytes")) is not None for r in rows) else "memory_bytes"
@@ -336,13 +345,14 @@ def plot_size_vs_perplexity(rows: list[dict], path: str | Path, title: str | Non
             if _number(r.get(metric)) is not None and math.isfinite(_number(r.get(metric)))
         ]
 
-    # Perplexity unless fewer rows have it than have a KL divergence.
+    # Perplexity unless fewer rows have it than have a KL divergence (or, for encoders, a hidden NMSE).
     metric, points = "perplexity", plottable("perplexity")
-    by_kld = plottable("kl_divergence")
-    if len(by_kld) > len(points):
-        metric, points = "kl_divergence", by_kld
+    for other in ("kl_divergence", "hidden_nmse"):
+        more = plottable(other)
+        if len(more) > len(points):
+            metric, points = other, more
     if not points:
-        raise ValueError("no row has a size together with a perplexity or KL divergence to plot")
+        raise ValueError("no row has a size together with a perplexity, KL divergence or hidden NMSE to plot")
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
@@ -359,9 +369,11 @@ def plot_size_vs_perplexity(rows: list[dict], path: str | Path, title: str | Non
         ax.plot(*zip(*front), linestyle="--", color="C1", zorder=2, label="Pareto front")
         ax.legend(loc="upper right", fontsize="small")
     ax.set_xlabel("size MB" if size_key == "size_bytes" else "memory MB")
-    ax.set_ylabel("perplexity" if metric == "perplexity" else "KL divergence to reference (nats)")
+    label = {"perplexity": "perplexity", "kl_divergence": "KL divergence", "hidden_nmse": "hidden-state NMSE"}[metric]
+    ax.set_ylabel({"kl_divergence": "KL divergence to reference (nats)",
+                   "hidden_nmse": "hidden-state NMSE to reference"}.get(metric, label))
     ax.grid(True, alpha=0.3)
-    ax.set_title(title or f"size vs {'perplexity' if metric == 'perplexity' else 'KL divergence'}")
+    ax.set_title(title or f"size vs {label}")
     return _save(fig, path)
 
 

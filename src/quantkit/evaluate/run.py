@@ -9,6 +9,7 @@ from torch import nn
 from ..data import eval_windows, generate_reference_text, windows_from_ids
 from ..errors import DataError
 from .guard import GUARDED_HEADS, check_reference
+from .hidden import HiddenReference, encoder_windows, measure_of, score_hidden
 from .quality import ReferenceCache, score
 from .size import memory_bytes
 from .speed import decode_speed
@@ -57,10 +58,29 @@ def guard_reference(model, reference, tokenizer=None) -> None:
     check_reference(reference, head=head, tokenizer=tokenizer)
 
 
+def _evaluate_encoder(model, tokenizer, text, reference, ctx, max_tokens, windows, size_bytes, progress) -> dict:
+    """An encoder's (or encoder-decoder's) measure: hidden-state similarity to `reference` (a
+    model or a HiddenReference) on windows of `text` (evaluate/hidden.py); no decode speed."""
+    if not isinstance(reference, HiddenReference):
+        if reference is None:
+            raise DataError("an encoder is measured against its float model (hidden-state similarity; perplexity is "
+                            "for causal LMs): pass --reference FLOAT_MODEL")
+        if windows is None:
+            if text is None:
+                raise DataError("an encoder is measured on a text: pass --text PATH")
+            windows = encoder_windows(tokenizer, text, model, ctx, max_tokens)
+        reference = HiddenReference(reference, windows)
+    res = score_hidden(model, reference, progress=progress)
+    res["size_bytes"] = weights_bytes(model) if size_bytes is None else size_bytes
+    res["memory_bytes"] = memory_bytes(model)
+    return res
+
+
 def evaluate_model(model, tokenizer, text=None, reference=None, ctx=512, max_tokens=None, speed=False,
                    windows=None, size_bytes=None, progress=True, guard=True, compile_speed=False,
                    on_status=None) -> dict:
-    """Perplexity, KLD/top-1 vs `reference` (a model or a ReferenceCache), sizes, speed.
+    """Perplexity, KLD/top-1 vs `reference` (a model or a ReferenceCache), sizes, speed; for an
+    encoder or encoder-decoder, hidden-state similarity to `reference` instead (evaluate/hidden.py).
     `compile_speed`: time decode through a compiled step (decode_speed(compile=True)) where a
     C++ compiler exists, else eagerly with a warning; the untimed compile is reported as
     `decode_compile_seconds` (about half a minute the first time on 2 cores, well under a second
@@ -68,6 +88,8 @@ def evaluate_model(model, tokenizer, text=None, reference=None, ctx=512, max_tok
     `guard`: with a reference model, first check that quantkit holds it right (`guard_reference`)."""
     if guard:
         guard_reference(model, reference, tokenizer)
+    if measure_of(model) == "hidden":
+        return _evaluate_encoder(model, tokenizer, text, reference, ctx, max_tokens, windows, size_bytes, progress)
     if windows is None:
         gen = reference.model if isinstance(reference, ReferenceCache) else reference
         windows = make_windows(tokenizer, text, ctx, max_tokens, generator_model=gen if text is None else None)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 class Arch:
     gguf: str  # general.architecture
     permute_qk: bool  # HF stores q/k rows in the rotate-half layout; llama.cpp wants interleaved pairs
+    head_dim_keys: bool = False  # write attention.key/value_length always (readers do not derive head_dim)
 
 
 # model_type -> how llama.cpp calls it. Adding one = an entry here (plus its hyper-parameters below).
@@ -54,6 +55,7 @@ ARCHS: dict[str, Arch] = {
     "llama": Arch("llama", True),
     "mistral": Arch("llama", True),
     "qwen2": Arch("qwen2", False),
+    "qwen3": Arch("qwen3", False, True),  # qwen2 with per-head q/k RMS norms (attn_q_norm, attn_k_norm)
 }
 _SKIP = ("rotary_emb.inv_freq",)  # buffers llama.cpp recomputes
 
@@ -118,7 +120,7 @@ def _hparams(w, model: nn.Module, arch: Arch) -> None:
     w.add_rope_freq_base(_rope_theta(cfg))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_rope_dimension_count(int(head_dim))
-    if head_dim * n_head != cfg.hidden_size:
+    if head_dim * n_head != cfg.hidden_size or arch.head_dim_keys:
         w.add_key_length(int(head_dim))
         w.add_value_length(int(head_dim))
     w.add_vocab_size(int(cfg.vocab_size))
