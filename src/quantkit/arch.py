@@ -3,10 +3,11 @@
 Data-free methods need none of this (they walk every Linear). Calibrated methods process a
 model block by block, and may process a block's Linears in sequential groups (each group sees
 the outputs of the already-quantized groups before it). The blocks are found in the model
-(`find_blocks`: the repeated ModuleList that holds its quantizable layers), so any family
+(`find_blocks`: the repeated ModuleList that holds its quantizable layers), and so are the
+Linears that read the very same input (calibrate.shared_inputs, one hooked pass), so any family
 transformers builds calibrates; what cannot be discovered is a per-family hint here
-(`FAMILIES`): the sequential group order, SmoothQuant's fold pairs, and which Linears read the
-very same input. A family without hints calibrates all of a block's Linears together.
+(`FAMILIES`): the sequential group order and SmoothQuant's fold pairs. A family without hints
+calibrates all of a block's Linears together.
 """
 from __future__ import annotations
 
@@ -29,9 +30,6 @@ class Family:
     # SmoothQuant: (module whose output feeds them, Linears that read it). The scale is folded
     # into the first (a norm's weight/bias or a Linear's rows), so the pair must be linear in it.
     smooth: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    # Linears the block's forward calls on the very same input tensor (calibration computes
-    # their input statistics once)
-    shared_input: tuple[tuple[str, ...], ...] = ()
     hinted: bool = True  # False: nothing is known of the family beyond its blocks
 
 
@@ -41,7 +39,6 @@ _LLAMA = Family(
     smooth=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
             ("mlp.up_proj", ("mlp.down_proj",))),  # down's input is act(gate)·up: linear in up's rows
-    shared_input=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
 )
 FAMILIES: dict[str, Family] = {  # hints by config.model_type
     "llama": _LLAMA,

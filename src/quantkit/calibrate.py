@@ -41,13 +41,49 @@ def _collectors(scheme: Scheme, method, outliers: "torch.Tensor | None" = None) 
     return {k: STATS[k](scheme, outliers) for k in sorted(needs)}
 
 
-def _share_hessians(cols: dict, fam) -> dict:
-    """Collectors to hook, per Linear: siblings that read the very same input (the family's
-    `shared_input`, e.g. q/k/v) get one Hessian between them, hooked on the first, since
-    H = 2/n·XXᵀ depends on the input alone; computing it once instead of three times is the
-    same matrix for a third of the work (GPTQ copies H before changing it)."""
+def shared_inputs(block: nn.Module, inputs, rels: list[str]) -> list[list[str]]:
+    """Groups of the Linears `rels` that the block's forward calls on the very same input tensor
+    (q/k/v, gate/up), found by running the block once on the first input batch with a hook on
+    each (once per block: about 1/batches more block work): found in the model, not declared
+    per family. The inputs seen are kept alive until the
+    groups are made, so no address can be reused by a later tensor."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(rel):
+        def fn(mod, args, out):
+            seen.setdefault(rel, args[0])
+        return fn
+
+    hooks = [block.get_submodule(rel).register_forward_hook(hook(rel)) for rel in rels]
+    try:
+        with torch.no_grad():
+            h, kw = inputs[0]
+            _run(block, h, kw)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    groups: dict[tuple, list[str]] = {}
+    for rel in rels:  # in the order given (the block's module order)
+        x = seen.get(rel)
+        if x is not None:
+            key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
+            groups.setdefault(key, []).append(rel)
+    del seen
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _needs(plan) -> frozenset:
+    scheme, method = plan
+    return frozenset() if scheme is None else method.needs | scheme.needs
+
+
+def _share_hessians(cols: dict, shared: list[list[str]]) -> dict:
+    """Collectors to hook, per Linear: siblings that read the very same input (`shared_inputs`,
+    e.g. q/k/v) get one Hessian between them, hooked on the first, since H = 2/n·XXᵀ depends on
+    the input alone; computing it once instead of three times is the same matrix for a third of
+    the work (GPTQ copies H before changing it)."""
     hooked = {rel: list(c.values()) for rel, c in cols.items()}
-    for names in fam.shared_input:
+    for names in shared:
         sibs = [r for r in names if r in cols and "hessian" in cols[r]]
         for r in sibs[1:]:
             hooked[r].remove(cols[r]["hessian"])
@@ -202,12 +238,15 @@ def block_statistics(model: nn.Module, plans: dict, calib: torch.Tensor, cfg: Qu
         split_experts(block)  # fused experts (loaded now, when streamed) become a layer each
         for transform in cfg.transforms:
             transform.apply(block, _BlockContext(block, prefix, fam, inputs, plans))
+        wants = [rel for g in _groups(block, fam, False) for rel in g
+                 if "hessian" in _needs(plans.get(prefix + rel, (None, None)))]
+        shared = shared_inputs(block, inputs, wants) if len(wants) > 1 else []
         for group in _groups(block, fam, cfg.sequential):
             todo = [(rel, plans.get(prefix + rel, (None, None))) for rel in group]
             todo = [(rel, sc, m) for rel, (sc, m) in todo if sc is not None]
             outl = _float_channels(block, inputs, todo)
             cols = {rel: _collectors(sc, m, outl.get(rel)) for rel, sc, m in todo}
-            _observe(block, inputs, _share_hessians(cols, fam))
+            _observe(block, inputs, _share_hessians(cols, shared))
             for rel, _, _ in todo:
                 stats = _results(cols.pop(rel))  # popped: freed once used
                 yield prefix + rel, stats

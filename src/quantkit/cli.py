@@ -17,7 +17,7 @@ from .errors import QuantkitError
 from .config import HEAD_CHOICES
 from .scheme import GRAMMAR
 
-MODEL_HELP = "model: alias (smollm2), Hugging Face folder or hub id, .gguf file, or quantkit checkpoint folder"
+MODEL_HELP = "model: alias (smollm2, qwen2.5-0.5b), Hugging Face folder or hub id, .gguf file, or quantkit checkpoint folder"
 
 
 def _mb(b):
@@ -108,14 +108,14 @@ def _text(path, split="eval"):
 
 # ----------------------------------------------------------------------------- commands
 def cmd_models(a):
-    from .io.models import ALIASES, cache_dir, fetch
+    from .io.models import fetch, list_aliases
 
     if a.action == "fetch":
         print(fetch(a.name))
         return
-    for name, al in ALIASES.items():
-        path = cache_dir() / name
-        print(f"{name:10s} {al.package:14s} {'cached' if path.exists() and any(path.iterdir()) else 'not fetched':12s} {al.description}")
+    for r in list_aliases():
+        print(f"{r['name']:13s} {'cached' if r['cached'] else 'not fetched':12s} ~{r['approx_mb']} MB  {r['description']}")
+        print(f"{'':13s} from {r['package']}")
 
 
 def cmd_inspect(a):

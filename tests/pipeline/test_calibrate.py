@@ -179,11 +179,10 @@ def test_each_hessian_is_freed_once_its_layer_is_quantized(monkeypatch):
 
 
 def test_siblings_share_one_hessian_and_give_the_same_bytes(tmp_path, monkeypatch):
-    """q/k/v (and gate/up) read the same input: one Hessian between them, hooked once; the
-    result is byte for byte what one Hessian per layer gives."""
-    import dataclasses
-
-    import quantkit.arch as arch
+    """q/k/v (and gate/up) read the same input, found by one hooked pass (no per-family
+    declaration): one Hessian between them, hooked once; the result is byte for byte what one
+    Hessian per layer gives."""
+    import quantkit.calibrate as calibrate
     import quantkit.pipeline as pipeline
 
     shared = qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
@@ -195,10 +194,10 @@ def test_siblings_share_one_hessian_and_give_the_same_bytes(tmp_path, monkeypatc
         swap(model, name, mod, scheme, method, stats, info)
 
     monkeypatch.setattr(pipeline, "swap_quantized", spy)
-    monkeypatch.setitem(arch.FAMILIES, "llama", dataclasses.replace(arch.FAMILIES["llama"], shared_input=()))
+    monkeypatch.setattr(calibrate, "shared_inputs", lambda block, inputs, rels: [])
     apart = qk.quantize(_llama(), "int4-g32", method="gptq", calib=_calib(), progress=False)
     assert _digest(shared, tmp_path, "shared") == _digest(apart, tmp_path, "apart")
-    assert len({id(h) for h in seen.values()}) == len(seen)  # without the declaration: one Hessian per layer
+    assert len({id(h) for h in seen.values()}) == len(seen)  # without the sharing found: one Hessian per layer
     seen.clear()
     monkeypatch.undo()
     monkeypatch.setattr(pipeline, "swap_quantized", spy)
@@ -246,3 +245,26 @@ def test_calibration_text_shorter_than_one_sample():
 def test_gptq_refuses_non_integer_schemes():
     with pytest.raises(QuantkitError, match="gptq"):
         qk.quantize(_llama(), "nf4", method="gptq", calib=_calib(), progress=False)
+
+
+def test_shared_inputs_are_found_in_any_family():
+    """The Linears that read one input tensor come from a hooked pass over the block itself:
+    llama's q/k/v and gate/up, phi3's none (fused qkv_proj, gate_up_proj), gemma2's as llama's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantkit.arch import blocks_of, family_of
+    from quantkit.calibrate import capture_block_inputs, shared_inputs
+    from quantkit.modules import linear_weight
+
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=256, head_dim=16, pad_token_id=0)
+    want = {"llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]],
+            "phi3": [], "gemma2": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                   ["mlp.gate_proj", "mlp.up_proj"]]}
+    for kind, groups in want.items():
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **kw)).eval()
+        block = blocks_of(m, family_of(m))[0]
+        inputs = capture_block_inputs(m, block, torch.randint(0, 256, (2, 8)), batch_size=2)
+        rels = [n for n, mod in block.named_modules() if linear_weight(mod) is not None]
+        assert sorted(map(sorted, shared_inputs(block, inputs, rels))) == sorted(map(sorted, groups)), kind

@@ -48,14 +48,24 @@ class Arch:
     gguf: str  # general.architecture
     permute_qk: bool  # HF stores q/k rows in the rotate-half layout; llama.cpp wants interleaved pairs
     head_dim_keys: bool = False  # write attention.key/value_length always (readers do not derive head_dim)
+    norm_offset: bool = False  # Gemma: HF norms scale by (1 + w), llama.cpp's by w: written as w + 1
+    gemma: bool = False  # Gemma 2/3 hyper-parameters: sliding window, Gemma 2's logit soft-capping
+    gpt2: bool = False  # GPT-2: LayerNorm epsilon, learned positions (no rope), n_inner
+    moe: bool = False  # experts stacked into ffn_{gate,up,down}_exps [E, out, in]; expert counts
 
 
-# model_type -> how llama.cpp calls it. Adding one = an entry here (plus its hyper-parameters below).
+# model_type -> how llama.cpp calls it (its convert_hf_to_gguf.py conventions). Adding one = an
+# entry here, plus its hyper-parameters in _hparams when they are not llama's.
 ARCHS: dict[str, Arch] = {
     "llama": Arch("llama", True),
     "mistral": Arch("llama", True),
     "qwen2": Arch("qwen2", False),
     "qwen3": Arch("qwen3", False, True),  # qwen2 with per-head q/k RMS norms (attn_q_norm, attn_k_norm)
+    "phi3": Arch("phi3", False),  # fused qkv_proj -> attn_qkv, gate_up_proj -> ffn_up
+    "gemma2": Arch("gemma2", False, True, norm_offset=True, gemma=True),
+    "gemma3_text": Arch("gemma3", False, True, norm_offset=True, gemma=True),
+    "gpt2": Arch("gpt2", False, gpt2=True),  # Conv1D weights written [out, in]
+    "qwen3_moe": Arch("qwen3moe", False, True, moe=True),
 }
 _SKIP = ("rotary_emb.inv_freq",)  # buffers llama.cpp recomputes
 
@@ -110,7 +120,30 @@ def _hparams(w, model: nn.Module, arch: Arch) -> None:
 
     cfg = model.config
     n_head = cfg.num_attention_heads
+    if arch.gpt2:
+        w.add_context_length(int(cfg.n_positions))
+        w.add_embedding_length(int(cfg.n_embd))
+        w.add_block_count(int(cfg.n_layer))
+        w.add_feed_forward_length(int(cfg.n_inner or 4 * cfg.n_embd))
+        w.add_head_count(int(n_head))
+        w.add_layer_norm_eps(float(cfg.layer_norm_epsilon))
+        w.add_vocab_size(int(cfg.vocab_size))
+        return
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    if arch.moe:
+        if not getattr(cfg, "norm_topk_prob", False) or getattr(cfg, "mlp_only_layers", None):
+            raise SourceError("GGUF export: llama.cpp's qwen3moe renormalizes the top-k routing weights and has experts "
+                              "in every block; this model has norm_topk_prob=False or dense mlp_only_layers")
+        w.add_expert_count(int(cfg.num_experts))
+        w.add_expert_used_count(int(cfg.num_experts_per_tok))
+        w.add_expert_feed_forward_length(int(cfg.moe_intermediate_size))
+    if arch.gemma:
+        if getattr(cfg, "sliding_window", None):
+            w.add_sliding_window(int(cfg.sliding_window))
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            w.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
+        if getattr(cfg, "final_logit_softcapping", None) is not None:
+            w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
     w.add_context_length(int(cfg.max_position_embeddings))
     w.add_embedding_length(int(cfg.hidden_size))
     w.add_block_count(int(cfg.num_hidden_layers))
@@ -164,10 +197,41 @@ def _sources(model: nn.Module) -> dict[str, "torch.Tensor | QuantizedWeight"]:
         if owner in quantized or name in out or name.endswith(_SKIP):
             continue
         out[name] = t.detach()
+    _stack_experts(model, out)
+    for name, mod in model.named_modules():  # a float Conv1D (GPT-2) holds [in, out]: written [out, in]
+        key = f"{name}.weight"
+        if key in out and isinstance(out[key], torch.Tensor) and type(mod).__name__ == "Conv1D":
+            out[key] = mod.weight.detach().t()
     cfg = getattr(model, "config", None)
     if getattr(cfg, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)  # llama.cpp uses token_embd when output.weight is absent
     return out
+
+
+def _stack_experts(model: nn.Module, out: dict) -> None:
+    """Experts as llama.cpp stores them: one [E, out, in] float tensor per projection, the fused
+    gate_up split into `<experts>.gate_proj` and `.up_proj` (ffn_gate_exps, ffn_up_exps). A
+    quantized expert is dequantized here (rounded to the file's type once more, said in the summary)."""
+    from ..modules import fused_parameters
+    from ..nn import ExpertLinears
+
+    stacks = {n: getattr(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]).detach().float()
+              for n in fused_parameters(model)}
+    for name, mod in model.named_modules():
+        if isinstance(mod, ExpertLinears):
+            if mod.transposed:
+                raise SourceError(f"GGUF export: {name} stores its experts transposed ([E, in, out]); not supported yet")
+            per = [out.pop(f"{name}.{e}.weight") for e in range(len(mod))]
+            stacks[name] = torch.stack([p.dequantize(torch.float32) if isinstance(p, QuantizedWeight) else p.float()
+                                        for p in per])
+    for name, w in stacks.items():
+        out.pop(name, None)
+        owner, _, param = name.rpartition(".")
+        if param == "gate_up_proj":
+            half = w.shape[1] // 2
+            out[f"{owner}.gate_proj.weight"], out[f"{owner}.up_proj.weight"] = w[:, :half], w[:, half:]
+        else:
+            out[f"{owner}.{param}.weight"] = w
 
 
 def repack(qw: QuantizedWeight, type_name: str) -> torch.Tensor | None:
@@ -205,6 +269,8 @@ def _to_bytes(src, type_name: str, name: str, summary: ExportSummary) -> torch.T
             return b
         summary.requantized.append((name, f"{src.scheme.name} is not on the {type_name} grid"))
         return quantize_rows(src.dequantize(torch.float32), type_name)
+    if src.dim() == 3:  # stacked experts [E, out, in]: rows of every expert
+        return quantize_rows(src.float().reshape(-1, src.shape[-1]), type_name).reshape(*src.shape[:2], -1)
     return quantize_rows(src.float(), type_name)
 
 
@@ -285,6 +351,8 @@ def export_gguf(model: nn.Module, tokenizer, path: "str | os.PathLike", ftype: s
             else:
                 w.add_key_value(key, value, vtype)
         for hf_name, gname, src, tname in plan:
+            if arch.norm_offset and hf_name.endswith("norm.weight"):
+                src = src.float() + 1.0
             data = _to_bytes(src, tname, gname, summary)
             if arch.permute_qk and gname.endswith(("attn_q.weight", "attn_k.weight")):
                 data = _permute(data, n_head if "attn_q" in gname else n_kv)

