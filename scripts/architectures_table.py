@@ -24,11 +24,13 @@ def table() -> str:
 
     from quantkit.io.gguf import ARCHS
 
-    rows = ["| model_type | kind | fp32 held exactly, guard | int8 / int4-g32, save, reload | GPTQ | GGUF export |",
+    rows = ["| model_type | kind | fp32 held exactly, guard | int8 / int4-g32, save, reload | GPTQ | GGUF export (F32 logits) |",
             "|---|---|---|---|---|---|"]
     for kind in sorted(DECODERS):
         moe = kind in MOE_KINDS
-        gguf = "–" if kind not in ARCHS else ("✓" if ARCHS[kind].gguf == kind else f"✓ (as {ARCHS[kind].gguf})")
+        a = ARCHS.get(kind)
+        gguf = "–" if a is None else "✓" + ("" if a.gguf == kind.replace("_", "") else f" (as {a.gguf})") + (
+            "" if a.hf_reads else ", llama.cpp-checked")
         rows.append(f"| {kind} | {'mixture of experts' if moe else 'decoder'} | ✓ logits | "
                     f"✓ int8 KLD ≤ 5% of int4's{', experts per expert' if moe else ''} | ✓ beats RTN | {gguf} |")
     for kind in ENCODERS:

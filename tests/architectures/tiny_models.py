@@ -22,7 +22,9 @@ MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_interm
 # own keywords alone (its config does not take BASE's names).
 DECODERS: dict[str, tuple[dict | None, float]] = {
     "llama": ({}, 4.0), "mistral": ({}, 4.0), "qwen2": ({}, 4.0), "qwen3": ({}, 4.0), "gemma2": ({}, 4.0),
-    "gemma3_text": ({}, 4.0), "phi3": ({}, 4.0), "olmo2": ({}, 4.0), "granite": ({}, 4.0), "starcoder2": ({}, 4.0),
+    "gemma3_text": ({}, 4.0), "phi3": ({}, 4.0), "olmo2": ({}, 4.0), "starcoder2": ({}, 4.0),
+    "granite": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25, logits_scaling=0.5),
+                4.0),  # its four multipliers away from 1, so a file that drops one is caught
     "gpt2": (None, 4.0), "gpt_neox": ({}, 4.0), "falcon": (None, 4.0),
     # mixtures of experts: fused 3-D expert tensors, quantized one expert at a time
     "mixtral": (MOE, 4.0), "qwen3_moe": (MOE, 4.0), "gpt_oss": (MOE, 4.0),

@@ -32,16 +32,9 @@ VOCAB = 320  # the tokenizer below has at most 300 entries
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tiny_tokenizer import make_tiny_tokenizer
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<eos>"])
-    tk.train_from_iterator(TEXT.splitlines(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+    return make_tiny_tokenizer(TEXT.splitlines())
 
 
 def listing(folder: Path) -> list[str]:

@@ -131,10 +131,12 @@ def test_tokenizer_fields(model, tok, tmp_path):
 
 
 def test_errors(model, tok, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertForMaskedLM
 
-    with pytest.raises(SourceError, match="supported: llama, mistral, qwen2"):
-        export_gguf(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)), tok, tmp_path / "g.gguf")
+    bert = BertForMaskedLM(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=len(tok)))
+    with pytest.raises(SourceError, match="does not support model type 'bert'; supported: .*gemma2.*llama"):
+        export_gguf(bert, tok, tmp_path / "g.gguf")
     with pytest.raises(SchemeError, match="unknown GGUF type"):
         export_gguf(model, tok, tmp_path / "a.gguf", "Q7_0")
     with pytest.raises(SourceError, match="tokenizer"):

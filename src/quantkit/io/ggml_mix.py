@@ -4,7 +4,7 @@ The rules follow llama.cpp's quantizer (`llama_tensor_get_type`) for dense Llama
 models without an importance matrix, so that a quantkit file and a llama.cpp file of the
 same type hold the same tensor types and have the same size:
 
-* 1-D tensors (norms, biases) stay F32.
+* 1-D tensors (norms, biases) stay F32, and so do routers of experts (ffn_gate_inp).
 * Float file types (F32/F16/BF16) store every 2-D tensor in that type.
 * The output head (or `token_embd` when the head is tied to it) gets Q6_K; Q8_0 in a Q8_0
   file or when its rows are not a multiple of 256.
@@ -112,6 +112,8 @@ def tensor_type(gname: str, shape: tuple[int, ...], ftype: str, n_blocks: int, h
         return "F32"
     if ftype in _FLOAT:
         return ftype
+    if gname.endswith("ffn_gate_inp.weight"):  # a mixture's router: llama.cpp's quantizer never rounds it
+        return "F32"
     ncols = shape[-1]
     if gname == "output.weight" or (not has_output and gname == "token_embd.weight"):
         return "Q8_0" if ftype == "Q8_0" or ncols % GGML_TYPES["Q6_K"].block else "Q6_K"

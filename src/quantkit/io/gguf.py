@@ -52,6 +52,10 @@ class Arch:
     gemma: bool = False  # Gemma 2/3 hyper-parameters: sliding window, Gemma 2's logit soft-capping
     gpt2: bool = False  # GPT-2: LayerNorm epsilon, learned positions (no rope), n_inner
     moe: bool = False  # experts stacked into ffn_{gate,up,down}_exps [E, out, in]; expert counts
+    layer_norm: str = ""  # the config's LayerNorm epsilon attribute, for families with LayerNorms (not RMS)
+    hf_reads: bool = True  # transformers' GGUF reader reads such a file back (tests check it; else llama.cpp only)
+    granite: bool = False  # Granite's four multipliers (embedding, residual, attention, logits)
+    neox_qkv: bool = False  # GPT-NeoX: per-head interleaved query_key_value rows written as q | k | v; partial rotary
 
 
 # model_type -> how llama.cpp calls it (its convert_hf_to_gguf.py conventions). Adding one = an
@@ -66,6 +70,13 @@ ARCHS: dict[str, Arch] = {
     "gemma3_text": Arch("gemma3", False, True, norm_offset=True, gemma=True),
     "gpt2": Arch("gpt2", False, gpt2=True),  # Conv1D weights written [out, in]
     "qwen3_moe": Arch("qwen3moe", False, True, moe=True),
+    "starcoder2": Arch("starcoder2", False, layer_norm="norm_epsilon"),  # LayerNorms and biases everywhere
+    "falcon": Arch("falcon", False, layer_norm="layer_norm_epsilon"),  # fused query_key_value: q heads, then k, v
+    # llama.cpp writes Mixtral as llama with stacked experts, a file transformers' reader takes for a dense llama
+    "mixtral": Arch("llama", True, moe=True, hf_reads=False),
+    "olmo2": Arch("olmo2", False, hf_reads=False),  # post-norm blocks, q/k norms over whole projections
+    "granite": Arch("granite", True, granite=True, hf_reads=False),
+    "gpt_neox": Arch("gptneox", False, layer_norm="layer_norm_eps", neox_qkv=True, hf_reads=False),
 }
 _SKIP = ("rotary_emb.inv_freq",)  # buffers llama.cpp recomputes
 
@@ -115,6 +126,15 @@ def _rope_scaling(cfg) -> dict | None:
     return rs
 
 
+def _kv_heads(cfg, arch: Arch) -> int:
+    """Key/value heads as llama.cpp reads them (Falcon's multi-query: one, whatever num_kv_heads says)."""
+    if arch.gguf == "falcon" and getattr(cfg, "multi_query", False) and not cfg.new_decoder_architecture:
+        return 1
+    if arch.neox_qkv:  # GPT-NeoX has one k/v head per head (a num_key_value_heads in its config is unused)
+        return int(cfg.num_attention_heads)
+    return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+
 def _hparams(w, model: nn.Module, arch: Arch) -> None:
     import gguf
 
@@ -130,14 +150,21 @@ def _hparams(w, model: nn.Module, arch: Arch) -> None:
         w.add_vocab_size(int(cfg.vocab_size))
         return
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    if arch.gguf == "falcon" and (cfg.new_decoder_architecture or cfg.alibi or not cfg.parallel_attn or cfg.bias):
+        raise SourceError("GGUF export writes Falcon's first layout (multi-query or grouped, parallel attention, "
+                          "rotary, no biases); this model has new_decoder_architecture, alibi or biases")
     if arch.moe:
-        if not getattr(cfg, "norm_topk_prob", False) or getattr(cfg, "mlp_only_layers", None):
+        if arch.gguf == "qwen3moe" and (not getattr(cfg, "norm_topk_prob", False) or getattr(cfg, "mlp_only_layers", None)):
             raise SourceError("GGUF export: llama.cpp's qwen3moe renormalizes the top-k routing weights and has experts "
                               "in every block; this model has norm_topk_prob=False or dense mlp_only_layers")
-        w.add_expert_count(int(cfg.num_experts))
+        w.add_expert_count(int(getattr(cfg, "num_local_experts", None) or cfg.num_experts))
         w.add_expert_used_count(int(cfg.num_experts_per_tok))
-        w.add_expert_feed_forward_length(int(cfg.moe_intermediate_size))
+        if arch.gguf == "qwen3moe":  # Mixtral's experts are intermediate_size wide, as feed_forward_length says
+            w.add_expert_feed_forward_length(int(cfg.moe_intermediate_size))
     if arch.gemma:
+        if getattr(cfg, "query_pre_attn_scalar", head_dim) != head_dim:
+            raise SourceError(f"GGUF export: llama.cpp scales Gemma's attention by 1/sqrt(head_dim) ({head_dim}); this "
+                              f"model's query_pre_attn_scalar is {cfg.query_pre_attn_scalar}")
         if getattr(cfg, "sliding_window", None):
             w.add_sliding_window(int(cfg.sliding_window))
         if getattr(cfg, "attn_logit_softcapping", None) is not None:
@@ -147,12 +174,26 @@ def _hparams(w, model: nn.Module, arch: Arch) -> None:
     w.add_context_length(int(cfg.max_position_embeddings))
     w.add_embedding_length(int(cfg.hidden_size))
     w.add_block_count(int(cfg.num_hidden_layers))
-    w.add_feed_forward_length(int(cfg.intermediate_size))
+    w.add_feed_forward_length(int(getattr(cfg, "ffn_hidden_size", None) or cfg.intermediate_size))
     w.add_head_count(int(n_head))
-    w.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or n_head))
+    w.add_head_count_kv(_kv_heads(cfg, arch))
     w.add_rope_freq_base(_rope_theta(cfg))
-    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    w.add_rope_dimension_count(int(head_dim))
+    if arch.layer_norm:
+        w.add_layer_norm_eps(float(getattr(cfg, arch.layer_norm)))
+    else:
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    rot = head_dim
+    if arch.neox_qkv:
+        rp = getattr(cfg, "rope_parameters", None) or {}
+        pct = getattr(cfg, "rotary_pct", None) or rp.get("partial_rotary_factor") or getattr(cfg, "partial_rotary_factor", None)
+        rot = int(head_dim * float(pct if pct is not None else 1.0))
+        w.add_parallel_residual(bool(cfg.use_parallel_residual))
+    w.add_rope_dimension_count(int(rot))
+    if arch.granite:
+        w.add_embedding_scale(float(cfg.embedding_multiplier))
+        w.add_residual_scale(float(cfg.residual_multiplier))
+        w.add_attention_scale(float(cfg.attention_multiplier))
+        w.add_logit_scale(float(cfg.logits_scaling))
     if head_dim * n_head != cfg.hidden_size or arch.head_dim_keys:
         w.add_key_length(int(head_dim))
         w.add_value_length(int(head_dim))
@@ -234,6 +275,15 @@ def _stack_experts(model: nn.Module, out: dict) -> None:
             out[f"{owner}.{param}.weight"] = w
 
 
+def _neox_qkv(src, n_head: int):
+    """GPT-NeoX's query_key_value rows [n_head, (q, k, v), head_dim, ...] as llama.cpp's q | k | v
+    blocks (a weight's rows or a bias): float, or a quantized weight dequantized (rows only move,
+    but its codes are read through the float path here)."""
+    t = src.dequantize(torch.float32) if isinstance(src, QuantizedWeight) else src.float()
+    rest = t.shape[1:]
+    return t.reshape(n_head, 3, t.shape[0] // n_head // 3, *rest).transpose(0, 1).reshape(t.shape)
+
+
 def repack(qw: QuantizedWeight, type_name: str) -> torch.Tensor | None:
     """Bytes [out, in/32·nbytes] of a quantkit integer weight in a legacy GGUF type, or None.
 
@@ -287,7 +337,7 @@ def plan_types(model: nn.Module, ftype: str) -> dict[str, str]:
     n_blocks = int(cfg.num_hidden_layers)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf.upper()], n_blocks)
     has_output = not getattr(cfg, "tie_word_embeddings", False)
-    n_gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    n_gqa = cfg.num_attention_heads // _kv_heads(cfg, arch)
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
@@ -323,7 +373,7 @@ def export_gguf(model: nn.Module, tokenizer, path: "str | os.PathLike", ftype: s
     srcs = _sources(model)
     tok_kv = tokenizer_fields(tokenizer, cfg, pre=tokenizer_pre)  # fail before any weight work
     has_output = "lm_head.weight" in srcs
-    n_gqa = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    n_gqa = cfg.num_attention_heads // _kv_heads(cfg, arch)
     plan = []
     for hf_name, src in srcs.items():
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -333,7 +383,7 @@ def export_gguf(model: nn.Module, tokenizer, path: "str | os.PathLike", ftype: s
         plan.append((hf_name, gname, src, tensor_type(gname, shape, ftype, n_blocks, has_output, n_gqa)))
     summary = ExportSummary(path, ftype, 0)
     n_head = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    n_kv = _kv_heads(cfg, arch)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -353,6 +403,8 @@ def export_gguf(model: nn.Module, tokenizer, path: "str | os.PathLike", ftype: s
         for hf_name, gname, src, tname in plan:
             if arch.norm_offset and hf_name.endswith("norm.weight"):
                 src = src.float() + 1.0
+            if arch.neox_qkv and gname.endswith(("attn_qkv.weight", "attn_qkv.bias")):
+                src = _neox_qkv(src, n_head)
             data = _to_bytes(src, tname, gname, summary)
             if arch.permute_qk and gname.endswith(("attn_q.weight", "attn_k.weight")):
                 data = _permute(data, n_head if "attn_q" in gname else n_kv)
