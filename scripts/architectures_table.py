@@ -34,7 +34,9 @@ def table() -> str:
         rows.append(f"| {kind} | {'mixture of experts' if moe else 'decoder'} | ✓ logits | "
                     f"✓ int8 KLD ≤ 5% of int4's{', experts per expert' if moe else ''} | ✓ beats RTN | {gguf} |")
     for kind in ENCODERS:
-        rows.append(f"| {kind} | encoder | ✓ | ✓ embedding cosine ≥ 0.99 | ✓ beats RTN | – |")
+        a = ARCHS.get(kind)
+        gguf = "–" if a is None else f"✓ (as {a.gguf}, the encoder), llama.cpp-checked"
+        rows.append(f"| {kind} | encoder | ✓ | ✓ embedding cosine ≥ 0.99 | ✓ beats RTN | {gguf} |")
     for kind in ENCODER_DECODERS:
         rows.append(f"| {kind} | encoder-decoder | – | ✓ cosine ≥ 0.99, tied tables one | "
                     "refused: two stacks of blocks (rtn only) | – |")

@@ -4,24 +4,17 @@ Tiny random models built offline; the weights are scaled up so that int4 visibly
 the int8 bound means something."""
 import pytest
 import torch
-from tiny_models import ENCODER_DECODERS, ENCODERS
+from tiny_models import ENCODER_BASE, ENCODER_DECODERS, ENCODERS, tiny_encoder
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 import quantkit as qk
 from quantkit.nn import QuantEmbedding
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
-            max_position_embeddings=64)
+TINY = ENCODER_BASE
 
 
 def _encoder(model_type, auto, **kw):
-    torch.manual_seed(0)
-    m = auto.from_config(AutoConfig.for_model(model_type, **{**TINY, **kw})).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return m
+    return tiny_encoder(model_type, auto, **kw)
 
 
 def _pooled(m, ids):

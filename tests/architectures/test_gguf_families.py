@@ -8,7 +8,7 @@ does not are listed in the README as GGUF-less (scripts/architectures_table.py).
 import numpy as np
 import pytest
 import torch
-from tiny_models import DECODERS, tiny
+from tiny_models import DECODERS, ENCODERS, tiny, tiny_encoder
 from tiny_tokenizer import make_tiny_tokenizer
 
 import quantkit as qk
@@ -69,6 +69,27 @@ def test_gguf_export_runs_in_llama_cpp(kind, tmp_path):
     with torch.no_grad():
         want = m(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - want).max() < 5e-3, float(np.abs(got - want).max())
+
+
+@pytest.mark.parametrize("kind", ENCODERS)
+@pytest.mark.parametrize("auto", ["AutoModel", "AutoModelForMaskedLM"])
+def test_encoder_gguf_runs_in_llama_cpp(kind, auto, tmp_path):
+    """An encoder (bare, or with its masked-LM head, which the file leaves out) in llama.cpp's
+    BERT runtime: the last hidden state of every token, to 2e-3 (measured 3-4e-4)."""
+    import transformers
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tok = make_tiny_tokenizer()
+    m = tiny_encoder(kind, getattr(transformers, auto), vocab_size=len(tok))
+    ids = tok.encode("the quick brown fox jumps over the lazy dog")
+    export_gguf(m, tok, tmp_path / "m.gguf", "F32", tokenizer_pre="gpt-2", progress=False)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), embedding=True, pooling_type=0, n_ctx=64,
+                          verbose=False, n_threads=2)
+    llm.tokenize = lambda *a, **k: list(ids)  # these very ids, not llama.cpp's own tokenization of a text
+    got = np.array(llm.embed("-", normalize=False))
+    with torch.no_grad():
+        want = m(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].numpy()
+    assert got.shape == want.shape and np.abs(got - want).max() < 2e-3, float(np.abs(got - want).max())
 
 
 def test_a_family_the_exporter_does_not_know_is_refused_by_name(tmp_path):

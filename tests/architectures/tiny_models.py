@@ -57,6 +57,22 @@ def tiny(kind: str, **over) -> torch.nn.Module:
     return m
 
 
+ENCODER_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=V,
+                    max_position_embeddings=64)
+
+
+def tiny_encoder(kind: str, auto, **over) -> torch.nn.Module:
+    """An encoder family's tiny model (`auto`: AutoModel, AutoModelForMaskedLM, ...), seeded,
+    its 2-D weights scaled by 3 so that int4 visibly hurts."""
+    torch.manual_seed(0)
+    m = auto.from_config(AutoConfig.for_model(kind, **{**ENCODER_BASE, **over})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return m
+
+
 def ids(seed: int, shape=(2, 24)) -> torch.Tensor:
     return torch.randint(3, V, shape, generator=torch.Generator().manual_seed(seed))
 

@@ -131,12 +131,11 @@ def test_tokenizer_fields(model, tok, tmp_path):
 
 
 def test_errors(model, tok, tmp_path):
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    bert = BertForMaskedLM(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                      vocab_size=len(tok)))
-    with pytest.raises(SourceError, match="does not support model type 'bert'; supported: .*gemma2.*llama"):
-        export_gguf(bert, tok, tmp_path / "g.gguf")
+    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=len(tok)))
+    with pytest.raises(SourceError, match="does not support model type 't5'; supported: .*gemma2.*llama"):
+        export_gguf(t5, tok, tmp_path / "g.gguf")
     with pytest.raises(SchemeError, match="unknown GGUF type"):
         export_gguf(model, tok, tmp_path / "a.gguf", "Q7_0")
     with pytest.raises(SourceError, match="tokenizer"):

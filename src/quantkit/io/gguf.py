@@ -56,6 +56,7 @@ class Arch:
     hf_reads: bool = True  # transformers' GGUF reader reads such a file back (tests check it; else llama.cpp only)
     granite: bool = False  # Granite's four multipliers (embedding, residual, attention, logits)
     neox_qkv: bool = False  # GPT-NeoX: per-head interleaved query_key_value rows written as q | k | v; partial rotary
+    encoder: bool = False  # BERT / RoBERTa: llama.cpp's embedding runtime (the encoder only, no task head)
 
 
 # model_type -> how llama.cpp calls it (its convert_hf_to_gguf.py conventions). Adding one = an
@@ -77,6 +78,8 @@ ARCHS: dict[str, Arch] = {
     "olmo2": Arch("olmo2", False, hf_reads=False),  # post-norm blocks, q/k norms over whole projections
     "granite": Arch("granite", True, granite=True, hf_reads=False),
     "gpt_neox": Arch("gptneox", False, layer_norm="layer_norm_eps", neox_qkv=True, hf_reads=False),
+    "bert": Arch("bert", False, layer_norm="layer_norm_eps", encoder=True, hf_reads=False),
+    "roberta": Arch("bert", False, layer_norm="layer_norm_eps", encoder=True, hf_reads=False),  # positions past pad+1
 }
 _SKIP = ("rotary_emb.inv_freq",)  # buffers llama.cpp recomputes
 
@@ -140,6 +143,18 @@ def _hparams(w, model: nn.Module, arch: Arch) -> None:
 
     cfg = model.config
     n_head = cfg.num_attention_heads
+    if arch.encoder:
+        w.add_context_length(int(cfg.max_position_embeddings) - _position_offset(cfg))
+        w.add_embedding_length(int(cfg.hidden_size))
+        w.add_block_count(int(cfg.num_hidden_layers))
+        w.add_feed_forward_length(int(cfg.intermediate_size))
+        w.add_head_count(int(n_head))
+        w.add_layer_norm_eps(float(cfg.layer_norm_eps))
+        w.add_causal_attention(False)
+        w.add_pooling_type(gguf.PoolingType.MEAN)  # mean-pooled embeddings, the measure quantkit reports for encoders
+        w.add_token_type_count(int(getattr(cfg, "type_vocab_size", 1)))
+        w.add_vocab_size(int(cfg.vocab_size))
+        return
     if arch.gpt2:
         w.add_context_length(int(cfg.n_positions))
         w.add_embedding_length(int(cfg.n_embd))
@@ -216,6 +231,33 @@ def _permute(t: torch.Tensor, n_head: int) -> torch.Tensor:
     """
     rest = t.shape[1:]
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *rest).transpose(1, 2).reshape(t.shape)
+
+
+def _position_offset(cfg) -> int:
+    """RoBERTa's positions start after its padding id (pad + 1 rows unused); llama.cpp's start at 0."""
+    return int(cfg.pad_token_id) + 1 if getattr(cfg, "model_type", "") == "roberta" else 0
+
+
+def _encoder_sources(model: nn.Module, srcs: dict) -> dict:
+    """An encoder's tensors as llama.cpp's BERT runtime names them: the base model's prefix
+    ("bert.", "roberta.") dropped, the pooler and task heads left out (the runtime has none;
+    said in the log), RoBERTa's position table from its first real position."""
+    base = getattr(model, "base_model_prefix", "")
+    out, dropped = {}, []
+    for k, v in srcs.items():
+        if base and k.startswith(base + "."):
+            k = k[len(base) + 1:]
+        if k.startswith(("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.")) or k.endswith(
+                ("position_ids", "token_type_ids")):
+            dropped.append(k)
+            continue
+        if k == "embeddings.position_embeddings.weight":
+            v = v[_position_offset(model.config):]
+        out[k] = v
+    if dropped:
+        log.info("GGUF export of an encoder: %d tensors of the pooler / task head left out (%s, ...); llama.cpp's "
+                 "BERT runtime computes embeddings only", len(dropped), dropped[0])
+    return out
 
 
 def _sources(model: nn.Module) -> dict[str, "torch.Tensor | QuantizedWeight"]:
@@ -371,6 +413,8 @@ def export_gguf(model: nn.Module, tokenizer, path: "str | os.PathLike", ftype: s
     n_blocks = int(cfg.num_hidden_layers)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf.upper()], n_blocks)
     srcs = _sources(model)
+    if arch.encoder:
+        srcs = _encoder_sources(model, srcs)
     tok_kv = tokenizer_fields(tokenizer, cfg, pre=tokenizer_pre)  # fail before any weight work
     has_output = "lm_head.weight" in srcs
     n_gqa = cfg.num_attention_heads // _kv_heads(cfg, arch)
