@@ -57,4 +57,4 @@ def test_gptq_runs_on_the_blocks_found_and_beats_rtn(kind):
     assert set(gptq.quantkit.methods.values()) == {"gptq"}  # every layer, experts included, had its Hessian
     with torch.no_grad():
         k_rtn, k_gptq = kld(rtn(x).logits, ref), kld(gptq(x).logits, ref)
-    assert k_gptq < k_rtn, (k_gptq, k_rtn)  # measured 0.46-0.95x of RTN's
+    assert k_gptq < k_rtn, (k_gptq, k_rtn)  # measured 0.46-0.91x of RTN's
