@@ -184,9 +184,6 @@ def cmd_quantize(a):
     validate_config(cfg)
     if not a.dry_run:
         _out(a, "checkpoint")  # before the model is loaded: never after minutes of work
-    if a.offload_dir and not needs_calibration(cfg):
-        raise QuantkitError("--offload-dir streams block by block for calibrated methods (--method gptq, "
-                            "w8a8-static-*, --smooth); rtn needs no streaming")
     calib_text = _text(a.calib, "calib") if a.calib and needs_calibration(cfg) else None
     if a.dry_run:
         from .estimate import estimate_quantize
@@ -214,7 +211,7 @@ def cmd_quantize(a):
         from .errors import DataError
         from .io.offload import open_streaming
 
-        if calib_text is None:
+        if calib_text is None and needs_calibration(cfg):
             raise DataError("--offload-dir needs --calib PATH: a model streamed from disk cannot write its own calibration text")
         model, tok, loader = open_streaming(a.model, a.offload_dir, allow_pickle=a.allow_pickle)
     else:

@@ -74,13 +74,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, pr
 
     Methods that need statistics (GPTQ) take `calib` token ids [N, L] and run block by block
     (see `calibrate.py`); data-free methods walk the Linears directly. `loader` (from
-    io.offload.open_streaming) materializes each block's float weights only when it is reached.
+    io.offload.open_streaming) materializes each block's float weights only when it is reached,
+    for calibrated and data-free methods alike.
     """
     validate_config(cfg)
     calibrated = needs_calibration(cfg)
-    if loader is not None and not calibrated:
-        raise SchemeError("streaming from disk (offload) is for calibrated methods such as gptq; "
-                          "rtn needs no streaming: load the model and quantize it")
     targets = iter_targets(model, cfg)  # the model, every layer and every rule checked before any is touched
     if not targets:
         raise SchemeError("this model has no Linear layers to quantize")
@@ -98,6 +96,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, inplace: bool = False, pr
             raise SchemeError(f"method {cfg.method.name} needs calibration data: pass calib token ids (--calib PATH)")
         done = quantize_calibrated(model, plans, calib, cfg, info, batch_size=batch_size, progress=progress,
                                    loader=loader)
+    elif loader is not None:
+        done = quantize_streamed(model, plans, cfg, info, loader, progress=progress)
     rest = [t for t in targets if t.name not in done and t.scheme is not None]
     for t in tqdm(rest, desc=f"quantize {cfg.scheme.name} ({cfg.method.name})",
                   disable=not progress or not rest, unit="layer"):
@@ -136,6 +136,33 @@ def quantize_calibrated(model: nn.Module, plans: dict, calib: torch.Tensor, cfg:
     for key, count in info.fallbacks.items():
         if " -> rtn (" in key:
             log.warning("%d layers: %s", count, key)
+    return done
+
+
+def quantize_streamed(model: nn.Module, plans: dict, cfg: QuantConfig, info: QuantInfo, loader,
+                      progress: bool = True) -> set[str]:
+    """Data-free methods on a streamed model (io.offload.open_streaming): each block's float
+    weights are read from disk when the block is reached, its layers quantized (the same
+    `swap_quantized` as in memory, so the bytes are the same), and the float block let go before
+    the next is read. Returns the names quantized."""
+    from .arch import blocks_of, family_of
+    from .memory import trim_heap
+
+    fam = family_of(model)
+    blocks = blocks_of(model, fam)
+    done: set[str] = set()
+    for bi in tqdm(range(len(blocks)), desc=f"{cfg.method.name} {cfg.scheme.name} blocks", unit="block",
+                   disable=not progress):
+        prefix = f"{fam.blocks}.{bi}."
+        loader.load_into(blocks[bi], prefix)
+        split_experts(blocks[bi])
+        names = [prefix + n for n, _ in blocks[bi].named_modules() if prefix + n in plans]
+        for name in names:
+            scheme, method = plans[name]
+            if scheme is not None:
+                swap_quantized(model, name, model.get_submodule(name), scheme, method, {}, info)
+                done.add(name)
+        trim_heap()
     return done
 
 

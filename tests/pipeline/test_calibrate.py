@@ -72,6 +72,24 @@ def test_streaming_gives_the_same_bytes(tmp_path):
     assert _digest(eager, tmp_path, "e") == _digest(streamed, tmp_path, "s")
 
 
+@pytest.mark.parametrize("scheme,method", [("int4-g32", "rtn"), ("nf4-dq", "rtn"), ("int8", "rtn-mse")])
+def test_data_free_methods_stream_too_and_give_the_same_bytes(tmp_path, scheme, method):
+    """RTN (and any data-free method) streams block by block from disk as GPTQ does: each block
+    read when reached, the output byte for byte the in-memory one."""
+    model = _llama()
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    eager = qk.quantize(model, scheme, method=method, progress=False)
+    smodel, _, loader = open_streaming(folder, tmp_path / "off")
+    reached = []
+    load = loader.load_into
+    loader.load_into = lambda block, prefix: (reached.append(prefix), load(block, prefix))
+    streamed = quantize_model(smodel, qk.make_config(scheme, method), loader=loader, progress=False)
+    assert reached == ["model.layers.0.", "model.layers.1."]
+    assert not any(p.is_meta for p in streamed.parameters())
+    assert _digest(eager, tmp_path, "e") == _digest(streamed, tmp_path, "s")
+
+
 def test_streaming_frees_each_float_block_once_it_is_quantized(tmp_path):
     """Peak memory stays at about one float block: nothing may keep a quantized block's float
     weights alive (a list of (name, module) pairs once did, until the whole walk ended)."""
