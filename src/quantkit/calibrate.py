@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def _collectors(scheme: Scheme, method, outliers: "torch.Tensor | None" = None) -> dict:
-    needs = method.needs | scheme.needs
+    needs = _needs((scheme, method))
     unknown = needs - STATS.keys()
     if unknown:
         raise QuantkitError(f"no collector for statistics {sorted(unknown)} (needed by {method} / {scheme.name})")
@@ -73,6 +73,7 @@ def shared_inputs(block: nn.Module, inputs, rels: list[str]) -> list[list[str]]:
 
 
 def _needs(plan) -> frozenset:
+    """The statistics a layer's (scheme, method) plan needs (none for a layer kept in float)."""
     scheme, method = plan
     return frozenset() if scheme is None else method.needs | scheme.needs
 
